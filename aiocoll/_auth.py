@@ -7,6 +7,10 @@ can be neither replayed nor reflected nor moved to another kind of connection. M
     initiator -> acceptor   MAGIC | purpose_len:u8 | purpose | nonce_i[32] | hello_len:u16 | hello
     acceptor  -> initiator  nonce_a[32] | mac_a[32] | hello_len:u16 | hello
     initiator -> acceptor   mac_i[32]
+    acceptor  -> initiator  OK (one byte, 0x01)
+
+The initiator sends nothing after its proof until it has read OK, so a caller may hand the raw
+connection to another protocol right after the handshake with no bytes left in a stream buffer.
 
     mac_a = HMAC(secret, b"acceptor"  | transcript)
     mac_i = HMAC(secret, b"initiator" | transcript)
@@ -31,6 +35,7 @@ MAGIC = b"AIOCOLL1"
 NONCE_SIZE = 32
 MAC_SIZE = 32
 MAX_HELLO = 4096
+OK = b"\x01"
 
 
 def new_secret() -> bytes:
@@ -101,6 +106,8 @@ async def initiate(
                 raise HandshakeError("peer failed to prove the shared secret (wrong AIOCOLL_SECRET?)")
             writer.write(_mac(secret, b"initiator", transcript))
             await writer.drain()
+            if await _read(reader, 1, "acceptance") != OK:
+                raise HandshakeError("acceptor refused the connection")
             return hello_a
     except TimeoutError as exc:
         raise HandshakeError(f"handshake timed out after {timeout} s") from exc
@@ -146,6 +153,7 @@ async def accept(
             mac_i = await _read(reader, MAC_SIZE, "initiator proof")
             if not hmac.compare_digest(mac_i, _mac(secret, b"initiator", transcript)):
                 raise HandshakeError("peer failed to prove the shared secret")
+            writer.write(OK)
             return hello_i
     except TimeoutError as exc:
         raise HandshakeError(f"handshake timed out after {timeout} s") from exc
