@@ -1,4 +1,13 @@
-"""aiocoll: asyncio-native collective communication."""
+"""aiocoll: asyncio-native collective communication.
+
+    import aiocoll
+    pg = await aiocoll.init()                      # torchrun / MPI / SLURM environment
+    y = await aiocoll.all_reduce(x)                # never blocks the event loop
+    await aiocoll.destroy()
+
+Everything public is listed in ``__all__`` below (a test keeps it honest); implementation
+modules are private (``_name``). Errors: see ``aiocoll._errors`` for the tree.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,23 @@ from ._layout import mount_transports
 
 mount_transports()
 
+from ._collectives import (  # noqa: E402
+    all_gather,
+    all_gather_coalesced,
+    all_reduce,
+    all_reduce_coalesced,
+    all_to_all,
+    barrier,
+    broadcast,
+    gather,
+    permute,
+    recv,
+    reduce,
+    reduce_scatter,
+    reduce_scatter_coalesced,
+    scatter,
+    send,
+)
 from ._errors import (  # noqa: E402
     AiocollError,
     CollectiveError,
@@ -19,11 +45,41 @@ from ._errors import (  # noqa: E402
     StoreError,
     TransportError,
 )
+from ._group import ProcessGroup  # noqa: E402
+from ._groups_api import find_group, find_or_create_group, new_group  # noqa: E402
+from ._ops import ReduceOp  # noqa: E402
+from ._world import destroy, init, world  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # starting and stopping
+    "init",
+    "destroy",
+    "world",
+    # collectives
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+    "send",
+    "recv",
+    "permute",
+    "all_reduce_coalesced",
+    "all_gather_coalesced",
+    "reduce_scatter_coalesced",
+    "ReduceOp",
+    # groups
+    "ProcessGroup",
+    "new_group",
+    "find_group",
+    "find_or_create_group",
     # errors
     "AiocollError",
     "CollectiveError",

@@ -1,0 +1,613 @@
+"""The collectives: validate, adapt the arrays, pick an algorithm, run it, wrap the result.
+
+Every function here is a coroutine that never blocks the event loop. Arguments are checked on
+the calling rank before anything is sent, so bad input raises ValueError/TypeError there and
+then; disagreements between ranks (shape, dtype, op, collective) are caught from the frame
+headers and raise MismatchError on every member.
+
+Cancellation: cancelling the awaiting task aborts the collective on every member (they raise
+RemoteAbortError) and marks the group broken: later calls on it raise GroupBrokenError at once.
+Sends already handed to the transport complete in the background so the connection stays
+usable for other groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import algorithms
+from ._arrays import Array, Payload, as_output, as_payload
+from ._driver import run_p2p, run_schedule
+from ._group import ProcessGroup
+from ._group_forms import resolve_group
+from ._ops import ReduceOp, check_op_dtype, finish_avg, parse_op, reduce_into
+from ._wire import Kind
+from ._world import current_world
+from .algorithms import direct, dissemination, ring, tree
+
+
+def _group(group: Any) -> ProcessGroup:
+    g = resolve_group(group, current_world())
+    if g.rank < 0:
+        raise ValueError(f"rank {g.world.rank} is not a member of {g.name} (ranks {list(g.ranks)})")
+    return g
+
+
+def _timeout(g: ProcessGroup, timeout: float | None) -> float:
+    if timeout is None:
+        return g.world.timeout
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    return float(timeout)
+
+
+def _dim(dim: int, ndim: int, what: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {type(dim).__name__}")
+    nd = max(ndim, 1)
+    if not -nd <= dim < nd:
+        raise ValueError(f"{what}={dim} is out of range for an array of {ndim} dimensions")
+    return int(dim) % nd
+
+
+def _root(root: int, g: ProcessGroup, what: str) -> int:
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+        raise TypeError(f"{what} must be an int group rank, got {type(root).__name__}")
+    if not 0 <= root < g.size:
+        raise ValueError(f"{what}={root} is out of range for {g.name} of size {g.size}")
+    return int(root)
+
+
+def _reducer(op: ReduceOp, p: Payload) -> Any:
+    code = p.code
+
+    def reduce(acc: Array, other: Array) -> None:
+        reduce_into(op, code, acc, other)
+
+    return reduce
+
+
+def _flat(a: Array) -> Array:
+    return a.reshape(-1)
+
+
+def _dim_first(a: Array, dim: int) -> Array:
+    """``a`` with ``dim`` moved to the front, C-contiguous (a view when dim is 0)."""
+    if a.ndim == 0:
+        return a.reshape(1)
+    return np.ascontiguousarray(np.moveaxis(a, dim, 0)) if dim else a
+
+
+# --------------------------------------------------------------------------- all_reduce
+async def all_reduce(
+    x: Any, op: Any = "sum", group: Any = None, *, out: Any = None, timeout: float | None = None
+) -> Any:
+    """Reduce ``x`` over the group; every member gets the result (bit-identical everywhere).
+
+    Args:
+        x: the array (any shape, any numeric dtype or bool).
+        op: "sum", "avg", "product", "min", "max", "band", "bor", "bxor" or a ReduceOp.
+        out: optional array of x's shape and dtype to write the result into (then returned).
+
+    Returns:
+        A new array of x's kind, shape and dtype (or ``out``).
+
+    Raises:
+        ValueError / TypeError: unknown op, op not defined for the dtype, bad ``out``.
+        CollectiveError: timeout, dead peer, mismatch between ranks; raised on every member.
+    """
+    g = _group(group)
+    rop = parse_op(op)
+    p = as_payload(x)
+    check_op_dtype(rop, p.code)
+    t = _timeout(g, timeout)
+    if out is not None:
+        result, finish = as_output(out, p, p.array.shape)
+    else:
+        result, finish = p.empty(p.array.shape), p.wrap
+    seq = g.next_seq()
+    await _all_reduce_into(g, seq, rop, p, _flat(p.array), _flat(result), t, Kind.ALL_REDUCE, "all_reduce")
+    return finish(result)
+
+
+async def _all_reduce_into(
+    g: ProcessGroup, seq: int, rop: ReduceOp, p: Payload, x: Array, out: Array, t: float, kind: Kind, name: str
+) -> None:
+    if g.size == 1:
+        out[...] = x
+    else:
+        algo = algorithms.choose("all_reduce", x.nbytes, g.size)
+        reduce = _reducer(rop, p)
+        if algo == "direct":
+            sched = direct.direct_all_reduce(g.rank, g.size, x, out, reduce)
+        elif algo == "rsag":
+            sched = direct.rsag_all_reduce(g.rank, g.size, x, out, reduce)
+        else:
+            sched = ring.ring_all_reduce(g.rank, g.size, x, out, reduce)
+        await run_schedule(
+            g, name, kind, sched, seq=seq, op=rop, dtype=p.code, count=x.size, timeout=t
+        )
+    if rop == ReduceOp.AVG:
+        finish_avg(p.code, out, g.size)
+
+
+# --------------------------------------------------------------------------- all_gather
+async def all_gather(x: Any, group: Any = None, *, dim: int = 0, timeout: float | None = None) -> Any:
+    """Concatenate every member's ``x`` along ``dim``, in group-rank order.
+
+    Every member must pass an array of the same shape and dtype. A 0-d input gives a 1-d
+    result of one element per member.
+
+    Raises:
+        ValueError: ``dim`` out of range. CollectiveError: as for all_reduce.
+    """
+    g = _group(group)
+    p = as_payload(x)
+    d = _dim(dim, p.array.ndim)
+    t = _timeout(g, timeout)
+    src = _dim_first(p.array, d)
+    seq = g.next_seq()
+    gathered = p.empty((g.size * src.shape[0], *src.shape[1:]))
+    flat_in, flat_out = _flat(src), _flat(gathered)
+    if g.size == 1:
+        flat_out[...] = flat_in
+    else:
+        if algorithms.choose("all_gather", flat_in.nbytes, g.size) == "direct":
+            sched = direct.direct_all_gather(g.rank, g.size, flat_in, flat_out)
+        else:
+            sched = ring.ring_all_gather(g.rank, g.size, flat_in, flat_out)
+        await run_schedule(g, "all_gather", Kind.ALL_GATHER, sched, seq=seq, dtype=p.code, count=flat_in.size, timeout=t)
+    if d and p.array.ndim:
+        gathered = np.ascontiguousarray(np.moveaxis(gathered, 0, d))
+    return p.wrap(gathered)
+
+
+# --------------------------------------------------------------------------- reduce_scatter
+async def reduce_scatter(
+    x: Any, op: Any = "sum", group: Any = None, *, dim: int = 0, timeout: float | None = None
+) -> Any:
+    """Chunk ``group.rank`` (along ``dim``) of the reduction of every member's ``x``.
+
+    Raises:
+        ValueError: x.shape[dim] is not divisible by the group size; unknown op; bad dim.
+        CollectiveError: as for all_reduce.
+    """
+    g = _group(group)
+    rop = parse_op(op)
+    p = as_payload(x)
+    check_op_dtype(rop, p.code)
+    if p.array.ndim == 0:
+        raise ValueError("reduce_scatter needs at least one dimension to scatter along")
+    d = _dim(dim, p.array.ndim)
+    t = _timeout(g, timeout)
+    if p.array.shape[d] % g.size:
+        raise ValueError(
+            f"reduce_scatter: x.shape[{d}] = {p.array.shape[d]} is not divisible by the group size {g.size}"
+        )
+    src = _dim_first(p.array, d)
+    seq = g.next_seq()
+    chunk = p.empty((src.shape[0] // g.size, *src.shape[1:]))
+    flat_in, flat_out = _flat(src), _flat(chunk)
+    if g.size == 1:
+        flat_out[...] = flat_in
+    else:
+        reduce = _reducer(rop, p)
+        if algorithms.choose("reduce_scatter", flat_in.nbytes, g.size) == "direct":
+            sched = direct.direct_reduce_scatter(g.rank, g.size, flat_in, flat_out, reduce)
+        else:
+            sched = ring.ring_reduce_scatter(g.rank, g.size, flat_in, flat_out, reduce)
+        await run_schedule(
+            g, "reduce_scatter", Kind.REDUCE_SCATTER, sched, seq=seq, op=rop, dtype=p.code, count=flat_in.size, timeout=t
+        )
+    if rop == ReduceOp.AVG:
+        finish_avg(p.code, flat_out, g.size)
+    if d:
+        chunk = np.ascontiguousarray(np.moveaxis(chunk, 0, d))
+    return p.wrap(chunk)
+
+
+# --------------------------------------------------------------------------- all_to_all
+def _splits(splits: Sequence[int] | None, total: int, size: int, what: str) -> list[int]:
+    if splits is None:
+        if total % size:
+            raise ValueError(f"all_to_all: {what} split sizes are None (equal splits) but dim 0 = {total} "
+                             f"is not divisible by the group size {size}")
+        return [total // size] * size
+    out = [int(s) for s in splits]
+    if len(out) != size:
+        raise ValueError(f"all_to_all: {what}_split_sizes has {len(out)} entries, the group has {size} members")
+    if any(s < 0 for s in out):
+        raise ValueError(f"all_to_all: {what}_split_sizes has a negative entry: {out}")
+    return out
+
+
+async def all_to_all(
+    x: Any,
+    group: Any = None,
+    *,
+    output_split_sizes: Sequence[int] | None = None,
+    input_split_sizes: Sequence[int] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """Rows of ``x`` (dim 0) split by ``input_split_sizes``: block p goes to member p.
+
+    The result is the blocks received from each member, in group-rank order, sized by
+    ``output_split_sizes``. None means equal splits of dim 0 (then it must divide evenly).
+
+    Raises:
+        ValueError: splits of the wrong length, negative, or not adding up to x.shape[0].
+        MismatchError: a member sent a block of another size than this member expects.
+    """
+    g = _group(group)
+    p = as_payload(x)
+    if p.array.ndim == 0:
+        raise ValueError("all_to_all needs an array with at least one dimension")
+    t = _timeout(g, timeout)
+    rows = p.array.shape[0]
+    ins = _splits(input_split_sizes, rows, g.size, "input")
+    if sum(ins) != rows:
+        raise ValueError(f"all_to_all: input_split_sizes {ins} add up to {sum(ins)}, but x.shape[0] = {rows}")
+    outs = _splits(output_split_sizes, rows, g.size, "output")
+    tail = p.array.shape[1:]
+    result = p.empty((sum(outs), *tail))
+    row = math.prod(tail)
+    flat_in, flat_out = _flat(p.array), _flat(result)
+    blocks_in, blocks_out = [], []
+    a = b = 0
+    for i, o in zip(ins, outs):
+        blocks_in.append(flat_in[a * row : (a + i) * row])
+        blocks_out.append(flat_out[b * row : (b + o) * row])
+        a += i
+        b += o
+    if blocks_in[g.rank].size != blocks_out[g.rank].size:
+        raise ValueError(
+            f"all_to_all: this member sends itself {ins[g.rank]} rows but expects {outs[g.rank]} from itself"
+        )
+    seq = g.next_seq()
+    sched = direct.all_to_all(g.rank, g.size, blocks_in, blocks_out)
+    await run_schedule(
+        g, "all_to_all", Kind.ALL_TO_ALL, sched, seq=seq, dtype=p.code, count=row, check_count=True, timeout=t
+    )
+    return p.wrap(result)
+
+
+# --------------------------------------------------------------------------- broadcast / reduce
+async def broadcast(x: Any, src: int, group: Any = None, *, timeout: float | None = None) -> Any:
+    """Every member gets a copy of member ``src``'s ``x`` (all pass arrays of one shape and dtype).
+
+    Raises:
+        ValueError: ``src`` out of range. CollectiveError: as for all_reduce.
+    """
+    g = _group(group)
+    root = _root(src, g, "src")
+    p = as_payload(x)
+    t = _timeout(g, timeout)
+    result = p.array.copy() if g.rank == root else p.empty(p.array.shape)
+    buf = _flat(result)
+    seq = g.next_seq()
+    if g.size > 1:
+        if algorithms.choose("broadcast", buf.nbytes, g.size) == "tree":
+            sched = tree.binomial_broadcast(g.rank, g.size, root, buf)
+        else:
+            sched = _scatter_allgather(g.rank, g.size, root, buf)
+        await run_schedule(g, "broadcast", Kind.BROADCAST, sched, seq=seq, dtype=p.code, count=buf.size, timeout=t)
+    return p.wrap(result)
+
+
+def _scatter_allgather(rank: int, size: int, root: int, buf: Array) -> algorithms.Schedule:
+    """Large broadcast: root sends chunk p to p, then everyone all-gathers the chunks."""
+    bounds = algorithms.chunk_bounds(buf.shape[0], size)
+    lo, hi = bounds[rank]
+    if rank == root:
+        yield [algorithms.Send(p, buf[a:b]) for p, (a, b) in enumerate(bounds) if p != root]
+    else:
+        yield [algorithms.Recv(root, buf[lo:hi])]
+    yield from direct.direct_all_gather_chunks(rank, size, buf, bounds)
+
+
+async def reduce(
+    x: Any, dst: int, op: Any = "sum", group: Any = None, *, timeout: float | None = None
+) -> Any:
+    """Member ``dst`` gets the reduction; every other member gets a copy of its own ``x``.
+
+    Raises:
+        ValueError: ``dst`` out of range, unknown op. CollectiveError: as for all_reduce.
+    """
+    g = _group(group)
+    root = _root(dst, g, "dst")
+    rop = parse_op(op)
+    p = as_payload(x)
+    check_op_dtype(rop, p.code)
+    t = _timeout(g, timeout)
+    acc = p.array.copy()
+    buf = _flat(acc)
+    seq = g.next_seq()
+    if g.size > 1:
+        reduce_fn = _reducer(rop, p)
+        if algorithms.choose("reduce", buf.nbytes, g.size) == "tree":
+            sched = tree.binomial_reduce(g.rank, g.size, root, buf, reduce_fn)
+        else:
+            sched = _rs_gather(g.rank, g.size, root, _flat(p.array), buf, reduce_fn)
+        await run_schedule(g, "reduce", Kind.REDUCE, sched, seq=seq, op=rop, dtype=p.code, count=buf.size, timeout=t)
+    if g.rank != root:
+        return p.wrap(p.array.copy())
+    if rop == ReduceOp.AVG:
+        finish_avg(p.code, buf, g.size)
+    return p.wrap(acc)
+
+
+def _rs_gather(rank: int, size: int, root: int, x: Array, out: Array, reduce_fn: Any) -> algorithms.Schedule:
+    """Large reduce: reduce-scatter (rank r owns chunk r), then the chunks go to root."""
+    bounds = algorithms.chunk_bounds(x.shape[0], size)
+    lo, hi = bounds[rank]
+    yield from direct.direct_reduce_scatter_chunks(rank, size, x, out[lo:hi], bounds, reduce_fn)
+    if rank == root:
+        yield [algorithms.Recv(p, out[a:b]) for p, (a, b) in enumerate(bounds) if p != root]
+    else:
+        yield [algorithms.Send(root, out[lo:hi])]
+
+
+# --------------------------------------------------------------------------- gather / scatter
+async def gather(x: Any, dst: int, group: Any = None, *, dim: int = 0, timeout: float | None = None) -> Any:
+    """Member ``dst`` gets every member's ``x`` concatenated along ``dim``; the others get None.
+
+    Raises:
+        ValueError: ``dst`` or ``dim`` out of range. CollectiveError: as for all_reduce.
+    """
+    g = _group(group)
+    root = _root(dst, g, "dst")
+    p = as_payload(x)
+    d = _dim(dim, p.array.ndim)
+    t = _timeout(g, timeout)
+    src = _dim_first(p.array, d)
+    flat_in = _flat(src)
+    gathered = p.empty((g.size * src.shape[0], *src.shape[1:])) if g.rank == root else None
+    seq = g.next_seq()
+    sched = direct.gather(g.rank, g.size, root, flat_in, None if gathered is None else _flat(gathered))
+    if g.size > 1:
+        await run_schedule(g, "gather", Kind.GATHER, sched, seq=seq, dtype=p.code, count=flat_in.size, timeout=t)
+    else:
+        for _ in sched:
+            pass
+    if gathered is None:
+        return None
+    if d and p.array.ndim:
+        gathered = np.ascontiguousarray(np.moveaxis(gathered, 0, d))
+    return p.wrap(gathered)
+
+
+async def scatter(x: Any, src: int, group: Any = None, *, dim: int = 0, timeout: float | None = None) -> Any:
+    """Member r gets chunk r (along ``dim``) of member ``src``'s ``x``.
+
+    Every member passes an array of the full shape and dtype (only ``src``'s values are used),
+    as with broadcast; x.shape[dim] must be divisible by the group size.
+
+    Raises:
+        ValueError: ``src``/``dim`` out of range or the size does not divide.
+        CollectiveError: as for all_reduce.
+    """
+    g = _group(group)
+    root = _root(src, g, "src")
+    p = as_payload(x)
+    if p.array.ndim == 0:
+        raise ValueError("scatter needs an array with at least one dimension")
+    d = _dim(dim, p.array.ndim)
+    t = _timeout(g, timeout)
+    if p.array.shape[d] % g.size:
+        raise ValueError(f"scatter: x.shape[{d}] = {p.array.shape[d]} is not divisible by the group size {g.size}")
+    full = _dim_first(p.array, d) if g.rank == root else None
+    chunk_shape = (p.array.shape[d] // g.size, *np.moveaxis(np.empty(p.array.shape, dtype=np.uint8), d, 0).shape[1:])
+    chunk = p.empty(chunk_shape)
+    seq = g.next_seq()
+    sched = direct.scatter(g.rank, g.size, root, None if full is None else _flat(full), _flat(chunk))
+    if g.size > 1:
+        await run_schedule(
+            g, "scatter", Kind.SCATTER, sched, seq=seq, dtype=p.code, count=p.array.size, check_count=False, timeout=t
+        )
+    else:
+        for _ in sched:
+            pass
+    if d:
+        chunk = np.ascontiguousarray(np.moveaxis(chunk, 0, d))
+    return p.wrap(chunk)
+
+
+# --------------------------------------------------------------------------- barrier
+async def barrier(group: Any = None, *, timeout: float | None = None) -> None:
+    """Return once every member of the group has entered the barrier.
+
+    Raises:
+        CollectiveError: timeout or dead peer, on every member.
+    """
+    g = _group(group)
+    t = _timeout(g, timeout)
+    seq = g.next_seq()
+    if g.size > 1:
+        sched = dissemination.dissemination_barrier(g.rank, g.size)
+        await run_schedule(g, "barrier", Kind.BARRIER, sched, seq=seq, timeout=t)
+
+
+# --------------------------------------------------------------------------- point to point
+def _tag(tag: int) -> int:
+    if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) or not 0 <= tag < 2**32:
+        raise ValueError(f"tag must be an int in [0, 2**32), got {tag!r}")
+    return int(tag)
+
+
+async def send(x: Any, dst: int, group: Any = None, *, tag: int = 0, timeout: float | None = None) -> None:
+    """Send ``x`` to group rank ``dst``; returns once ``x`` may be modified again.
+
+    Messages between two members on one tag arrive in order; different tags are independent.
+
+    Raises:
+        ValueError: ``dst`` out of range or is this rank; bad tag. CollectiveError: timeout, dead peer.
+    """
+    g = _group(group)
+    peer = _root(dst, g, "dst")
+    if peer == g.rank:
+        raise ValueError("send: dst is this rank; a rank cannot send to itself")
+    p = as_payload(x)
+    await run_p2p(g, peer, _flat(p.array), receive=False, tag=_tag(tag), dtype=p.code, count=p.array.size,
+                  timeout=_timeout(g, timeout))
+
+
+async def recv(
+    like: Any, src: int, group: Any = None, *, tag: int = 0, out: Any = None, timeout: float | None = None
+) -> Any:
+    """Receive a message from group rank ``src``: an array with ``like``'s shape, dtype and kind.
+
+    With ``out=``, the message is written into ``out`` (which is returned); ``like`` may then be
+    ``out`` itself.
+
+    Raises:
+        ValueError: ``src`` out of range or is this rank; bad tag.
+        MismatchError: the message has another dtype or size than ``like``.
+        CollectiveError: timeout, dead peer.
+    """
+    g = _group(group)
+    peer = _root(src, g, "src")
+    if peer == g.rank:
+        raise ValueError("recv: src is this rank; a rank cannot receive from itself")
+    p = as_payload(like, "like")
+    if out is not None:
+        result, finish = as_output(out, p, p.array.shape)
+    else:
+        result, finish = p.empty(p.array.shape), p.wrap
+    await run_p2p(g, peer, _flat(result), receive=True, tag=_tag(tag), dtype=p.code, count=p.array.size,
+                  timeout=_timeout(g, timeout))
+    return finish(result)
+
+
+async def permute(x: Any, src_dst: Sequence[int], group: Any = None, *, timeout: float | None = None) -> Any:
+    """Member m's ``x`` goes to member ``src_dst[m]``; returns what this member received.
+
+    ``src_dst`` must be a permutation of the group ranks (group-local numbering).
+
+    Raises:
+        ValueError: ``src_dst`` is not a permutation of range(group size).
+        MismatchError: the array received has another shape or dtype.
+    """
+    g = _group(group)
+    perm = [int(v) for v in src_dst]
+    if sorted(perm) != list(range(g.size)):
+        raise ValueError(f"permute: src_dst must be a permutation of range({g.size}), got {list(src_dst)}")
+    p = as_payload(x)
+    t = _timeout(g, timeout)
+    result = p.empty(p.array.shape)
+    dst = perm[g.rank]
+    src = perm.index(g.rank)
+    seq = g.next_seq()
+    sched = direct.permute(g.rank, dst, src, _flat(p.array), _flat(result))
+    await run_schedule(g, "permute", Kind.PERMUTE, sched, seq=seq, dtype=p.code, count=p.array.size, timeout=t)
+    return p.wrap(result)
+
+
+# --------------------------------------------------------------------------- coalesced
+async def all_reduce_coalesced(
+    xs: Sequence[Any], op: Any = "sum", group: Any = None, *, timeout: float | None = None
+) -> list[Any]:
+    """all_reduce of several arrays (any shapes, any dtypes) in one operation per dtype.
+
+    Arrays of one dtype are packed into one buffer and reduced together.
+
+    Raises:
+        as all_reduce, for any of the arrays.
+    """
+    g = _group(group)
+    rop = parse_op(op)
+    payloads = [as_payload(x, f"xs[{i}]") for i, x in enumerate(xs)]
+    for p in payloads:
+        check_op_dtype(rop, p.code)
+    t = _timeout(g, timeout)
+    by_code: dict[int, list[int]] = {}
+    for i, p in enumerate(payloads):
+        by_code.setdefault(int(p.code), []).append(i)
+    results: list[Any] = [None] * len(payloads)
+    for code, idx in by_code.items():
+        packed = np.concatenate([_flat(payloads[i].array) for i in idx])
+        out = np.empty_like(packed)
+        seq = g.next_seq()
+        await _all_reduce_into(g, seq, rop, payloads[idx[0]], packed, out, t, Kind.ALL_REDUCE, "all_reduce_coalesced")
+        offset = 0
+        for i in idx:
+            p = payloads[i]
+            results[i] = p.wrap(out[offset : offset + p.array.size].reshape(p.array.shape).copy())
+            offset += p.array.size
+    return results
+
+
+async def all_gather_coalesced(xs: Sequence[Any], group: Any = None, *, timeout: float | None = None) -> list[Any]:
+    """all_gather (along dim 0) of several arrays of any shapes and dtypes, as one message.
+
+    Raises:
+        as all_gather, for any of the arrays.
+    """
+    g = _group(group)
+    payloads = [as_payload(x, f"xs[{i}]") for i, x in enumerate(xs)]
+    t = _timeout(g, timeout)
+    parts = [_dim_first(p.array, 0) for p in payloads]
+    packed = np.concatenate([_flat(a).view(np.uint8) for a in parts]) if parts else np.empty(0, np.uint8)
+    n = packed.size
+    gathered = np.empty(g.size * n, dtype=np.uint8)
+    seq = g.next_seq()
+    if g.size == 1:
+        gathered[...] = packed
+    else:
+        from ._dtypes import WireDtype
+
+        sched = direct.direct_all_gather(g.rank, g.size, packed, gathered)
+        await run_schedule(
+            g, "all_gather_coalesced", Kind.ALL_GATHER, sched, seq=seq, dtype=WireDtype.BYTES, count=n, timeout=t
+        )
+    results = []
+    offset = 0
+    for p, a in zip(payloads, parts):
+        nb = a.nbytes
+        pieces = [
+            gathered[r * n + offset : r * n + offset + nb].view(a.dtype).reshape(a.shape) for r in range(g.size)
+        ]
+        results.append(p.wrap(np.concatenate(pieces, axis=0)))
+        offset += nb
+    return results
+
+
+async def reduce_scatter_coalesced(
+    xs: Sequence[Any],
+    op: Any = "sum",
+    group: Any = None,
+    dims: Sequence[int] | None = None,
+    *,
+    timeout: float | None = None,
+) -> list[Any]:
+    """reduce_scatter of several arrays, each along its own dim (``dims``, default all 0).
+
+    Raises:
+        ValueError: ``dims`` of another length than ``xs``; as reduce_scatter for each array.
+    """
+    import asyncio
+
+    dims_l = list(dims) if dims is not None else [0] * len(xs)
+    if len(dims_l) != len(xs):
+        raise ValueError(f"reduce_scatter_coalesced: {len(xs)} arrays but {len(dims_l)} dims")
+    g = _group(group)
+    rop = parse_op(op)
+    # Check every array before the first one starts, so a bad one cannot leave the members
+    # with different numbers of collectives issued.
+    for i, (x, d) in enumerate(zip(xs, dims_l)):
+        p = as_payload(x, f"xs[{i}]")
+        check_op_dtype(rop, p.code)
+        if p.array.ndim == 0:
+            raise ValueError(f"reduce_scatter_coalesced: xs[{i}] is 0-d")
+        dd = _dim(d, p.array.ndim, f"dims[{i}]")
+        if p.array.shape[dd] % g.size:
+            raise ValueError(
+                f"reduce_scatter_coalesced: xs[{i}].shape[{dd}] = {p.array.shape[dd]} is not divisible "
+                f"by the group size {g.size}"
+            )
+    return list(
+        await asyncio.gather(*(reduce_scatter(x, rop, g, dim=d, timeout=timeout) for x, d in zip(xs, dims_l)))
+    )

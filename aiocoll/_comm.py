@@ -1,0 +1,379 @@
+"""The communicator: one per rank, between the algorithms and the transports.
+
+It owns the connections to the other ranks and is the FrameSink of every transport, so it is
+where frames meet the receives posted for them. A frame is matched on (source rank, gid, seq,
+step, flags) — never on arrival order — so any number of collectives on any number of groups
+can be in flight at once. A frame that arrives before its receive is posted waits in the
+unexpected store (bounded); one whose receive is posted lands straight in the receive's buffer.
+
+Failure handling lives here because this is where it is seen first:
+- a peer's connection drops    -> every collective in flight on a group holding that peer fails
+                                  with PeerFailureError naming it, and those groups are broken;
+- a frame's header disagrees   -> MismatchError on this rank, and an ABORT frame to every other
+  with the posted receive         member so that they raise it too;
+- an ABORT frame arrives       -> the collective it names fails with the sender's error, and the
+                                  group is marked broken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import (
+    CollectiveError,
+    CollectiveTimeoutError,
+    GroupBrokenError,
+    MismatchError,
+    PeerFailureError,
+    RemoteAbortError,
+)
+from ._wire import FLAG_CONTROL, FrameKey, Kind, kind_name
+from .transports import Connection, Transport
+
+log = logging.getLogger("aiocoll")
+
+#: Bytes of frames this rank buffers for receives not yet posted before it drops the sender.
+DEFAULT_MAX_UNEXPECTED = 8 << 30
+_MAX_CONTROL = 1 << 16
+
+_ERRORS: dict[str, type[CollectiveError]] = {
+    "timeout": CollectiveTimeoutError,
+    "mismatch": MismatchError,
+    "peer": PeerFailureError,
+    "abort": RemoteAbortError,
+    "broken": GroupBrokenError,
+}
+
+
+def _error_code(exc: CollectiveError) -> str:
+    for code, cls in _ERRORS.items():
+        if type(exc) is cls:
+            return code
+    return "abort"
+
+
+@dataclass(eq=False)
+class ActiveOp:
+    """A collective in flight on this rank; the handle failures are delivered through."""
+
+    group: str
+    gid: int
+    seq: int
+    op: str
+    members: frozenset[int]
+    failure: asyncio.Future[None]
+    posted: set[Posted] = field(default_factory=set)
+
+    def fail(self, exc: CollectiveError) -> None:
+        if not self.failure.done():
+            self.failure.set_exception(exc)
+            # The failure future may never be awaited if the op already finished its last
+            # batch; retrieving the exception here keeps asyncio from logging it as lost.
+            self.failure.exception()
+
+    def error(self, cls: type[CollectiveError], message: str, ranks: Iterable[int]) -> CollectiveError:
+        return cls(message, group=self.group, seq=self.seq, op=self.op, ranks=ranks)
+
+
+@dataclass(eq=False)
+class Posted:
+    """A receive waiting for its frame."""
+
+    peer: int
+    slot: tuple[int, int, int, int]
+    expect: FrameKey
+    check_count: bool
+    buffer: memoryview
+    future: asyncio.Future[None]
+    op: ActiveOp | None
+    mismatch: CollectiveError | None = None
+
+    def check(self, key: FrameKey, nbytes: int) -> CollectiveError | None:
+        e = self.expect
+        problems = []
+        if key.kind != e.kind:
+            problems.append(f"rank {self.peer} called {kind_name(key.kind)}, this rank {kind_name(e.kind)}")
+        else:
+            if key.op != e.op:
+                problems.append(f"reduce op {key.op} on rank {self.peer} vs {e.op} here")
+            if key.dtype != e.dtype:
+                problems.append(f"dtype code {key.dtype} on rank {self.peer} vs {e.dtype} here")
+            if self.check_count and key.count != e.count:
+                problems.append(f"{key.count} elements on rank {self.peer} vs {e.count} here")
+            if not problems and nbytes != self.buffer.nbytes:
+                problems.append(f"rank {self.peer} sent {nbytes} bytes, {self.buffer.nbytes} expected")
+        if not problems:
+            return None
+        message = "collective mismatch: " + "; ".join(problems)
+        if self.op is None:
+            return MismatchError(message, ranks=(self.peer,))
+        return self.op.error(MismatchError, message, (self.peer,))
+
+
+class Communicator:
+    """Frame matching, connections and failure propagation for one rank."""
+
+    def __init__(self, rank: int, world_size: int, *, max_unexpected: int = DEFAULT_MAX_UNEXPECTED) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.transports: list[Transport] = []
+        self._conns: dict[int, Connection] = {}
+        self._posted: dict[tuple[int, tuple[int, int, int, int]], Posted] = {}
+        self._unexpected: dict[tuple[int, tuple[int, int, int, int]], tuple[FrameKey, memoryview]] = {}
+        self._unexpected_bytes = 0
+        self._max_unexpected = max_unexpected
+        self._active: set[ActiveOp] = set()
+        self._dead: dict[int, str] = {}
+        self._broken: dict[int, CollectiveError] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # ----------------------------------------------------------------- connections
+    def add_connection(self, peer: int, conn: Connection) -> None:
+        self._conns[peer] = conn
+
+    def is_dead(self, peer: int) -> bool:
+        return peer in self._dead
+
+    # ----------------------------------------------------------------- FrameSink
+    def frame_buffer(self, peer: int, key: bytes, nbytes: int) -> memoryview:
+        k = FrameKey.unpack(key)
+        if k.flags & FLAG_CONTROL:
+            if nbytes > _MAX_CONTROL:
+                raise ValueError(f"control frame of {nbytes} bytes from rank {peer}")
+            return memoryview(bytearray(nbytes))
+        posted = self._posted.get((peer, k.slot))
+        if posted is not None:
+            posted.mismatch = posted.check(k, nbytes)
+            if posted.mismatch is None:
+                return posted.buffer
+        return self._scratch(peer, nbytes)
+
+    def _scratch(self, peer: int, nbytes: int) -> memoryview:
+        if self._unexpected_bytes + nbytes > self._max_unexpected:
+            raise ValueError(
+                f"rank {peer} sent {nbytes} bytes nobody asked for yet, over the "
+                f"{self._max_unexpected}-byte limit for unexpected frames"
+            )
+        return memoryview(bytearray(nbytes))
+
+    def frame_received(self, peer: int, key: bytes, buffer: memoryview) -> None:
+        k = FrameKey.unpack(key)
+        if k.flags & FLAG_CONTROL:
+            self._on_control(peer, k, bytes(buffer))
+            return
+        posted = self._posted.pop((peer, k.slot), None)
+        if posted is not None:
+            if posted.op is not None:
+                posted.op.posted.discard(posted)
+            if posted.future.done():
+                return
+            if posted.mismatch is not None:
+                self._mismatch(posted.op, posted.mismatch)
+                posted.future.set_exception(posted.mismatch)
+            else:
+                posted.future.set_result(None)
+            return
+        if k.gid in self._broken:
+            return  # a collective of a broken group: nobody will ever ask for it
+        self._unexpected[(peer, k.slot)] = (k, buffer)
+        self._unexpected_bytes += buffer.nbytes
+
+    def peer_lost(self, peer: int, exc: BaseException | None) -> None:
+        if self._closing or peer in self._dead:
+            return
+        reason = "closed its connection" if exc is None else f"was lost ({exc})"
+        self._dead[peer] = reason
+        log.log(logging.DEBUG if exc is None else logging.WARNING, "rank %d: rank %d %s", self.rank, peer, reason)
+        for op in list(self._active):
+            # A graceful close comes after every frame the peer sent, so only collectives
+            # still waiting to hear from it are hurt; a crash hurts every group it was in.
+            hurt = any(p.peer == peer for p in op.posted) if exc is None else peer in op.members
+            if hurt:
+                err = op.error(PeerFailureError, f"rank {peer} {reason}", (peer,))
+                self._broken.setdefault(op.gid, err)
+                op.fail(err)
+
+    # ----------------------------------------------------------------- receives and sends
+    def post_recv(
+        self,
+        peer: int,
+        expect: FrameKey,
+        buffer: memoryview,
+        op: ActiveOp | None,
+        *,
+        check_count: bool = True,
+    ) -> asyncio.Future[None]:
+        """Post a receive of the frame ``expect`` names from ``peer`` into ``buffer``."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        posted = Posted(peer, expect.slot, expect, check_count, buffer, fut, op)
+        got = self._unexpected.pop((peer, expect.slot), None)
+        if got is not None:
+            k, data = got
+            self._unexpected_bytes -= data.nbytes
+            err = posted.check(k, data.nbytes)
+            if err is not None:
+                self._mismatch(op, err)
+                fut.set_exception(err)
+            else:
+                if data.nbytes:
+                    buffer[:] = data
+                fut.set_result(None)
+            return fut
+        if peer in self._dead:
+            err = (
+                op.error(PeerFailureError, f"rank {peer} {self._dead[peer]}", (peer,))
+                if op is not None
+                else PeerFailureError(f"rank {peer} {self._dead[peer]}", ranks=(peer,))
+            )
+            fut.set_exception(err)
+            return fut
+        self._posted[(peer, expect.slot)] = posted
+        if op is not None:
+            op.posted.add(posted)
+        return fut
+
+    def cancel_recv(self, posted: Posted) -> None:
+        if self._posted.get((posted.peer, posted.slot)) is posted:
+            del self._posted[(posted.peer, posted.slot)]
+
+    async def send(self, peer: int, key: FrameKey, payload: memoryview) -> None:
+        """Send one frame to ``peer`` (``peer`` may be this rank: it is delivered locally)."""
+        if peer == self.rank:
+            raw = key.pack()
+            buf = self.frame_buffer(peer, raw, payload.nbytes)
+            if payload.nbytes:
+                buf[:] = payload
+            self.frame_received(peer, raw, buf)
+            return
+        if peer in self._dead:
+            raise PeerFailureError(f"rank {peer} {self._dead[peer]}", ranks=(peer,))
+        conn = self._conns.get(peer)
+        if conn is None:
+            raise PeerFailureError(f"no connection to rank {peer}", ranks=(peer,))
+        await conn.send(key.pack(), payload)
+
+    # ----------------------------------------------------------------- collectives in flight
+    def begin(self, group: str, gid: int, seq: int, op: str, members: frozenset[int]) -> ActiveOp:
+        """Register a collective; raises at once if its group is broken or a member is dead."""
+        active = ActiveOp(group, gid, seq, op, members, asyncio.get_running_loop().create_future())
+        if gid in self._broken:
+            cause = self._broken[gid]
+            raise active.error(GroupBrokenError, f"group is broken: {cause}", cause.ranks)
+        dead = [p for p in members if p in self._dead]
+        if dead:
+            raise active.error(PeerFailureError, f"rank {dead[0]} {self._dead[dead[0]]}", dead)
+        self._active.add(active)
+        return active
+
+    def end(self, op: ActiveOp, exc: BaseException | None = None) -> None:
+        """Unregister ``op``; on failure break its group and tell the other members why."""
+        self._active.discard(op)
+        for posted in list(op.posted):
+            self.cancel_recv(posted)
+        op.posted.clear()
+        if not op.failure.done():
+            op.failure.cancel()
+        if exc is None:
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            err: CollectiveError = op.error(
+                RemoteAbortError, f"rank {self.rank} cancelled the collective", (self.rank,)
+            )
+        elif isinstance(exc, CollectiveError):
+            err = exc
+        else:
+            err = op.error(RemoteAbortError, f"rank {self.rank} failed: {exc!r}", (self.rank,))
+        already = op.gid in self._broken
+        self._broken.setdefault(op.gid, err)
+        self._drop_unexpected(op.gid)
+        if not already:  # the failure started here: tell the others (remote ones are known)
+            self._broadcast_abort(op, err)
+
+    def _drop_unexpected(self, gid: int) -> None:
+        for slot_key in [k for k in self._unexpected if k[1][0] == gid]:
+            _, data = self._unexpected.pop(slot_key)
+            self._unexpected_bytes -= data.nbytes
+
+    def _mismatch(self, op: ActiveOp | None, err: CollectiveError) -> None:
+        if op is not None:
+            op.fail(err)
+
+    def _broadcast_abort(self, op: ActiveOp, err: CollectiveError) -> None:
+        body = json.dumps(
+            {"code": _error_code(err), "message": err.detail, "ranks": list(err.ranks), "origin": self.rank}
+        ).encode()
+        key = FrameKey(op.gid, op.seq, 0, Kind.ABORT, 0, 0, FLAG_CONTROL, 0)
+        for peer in op.members:
+            if peer == self.rank or peer in self._dead or peer not in self._conns:
+                continue
+            self.spawn(self._send_quietly(peer, key, memoryview(body)))
+
+    async def _send_quietly(self, peer: int, key: FrameKey, payload: memoryview) -> None:
+        try:
+            await self.send(peer, key, payload)
+        except Exception as exc:  # the peer may be gone; its own failure path reports that
+            log.debug("rank %d: abort to rank %d not delivered: %s", self.rank, peer, exc)
+
+    def _on_control(self, peer: int, key: FrameKey, body: bytes) -> None:
+        if key.kind != Kind.ABORT:
+            log.warning("rank %d: unknown control frame kind %d from rank %d", self.rank, key.kind, peer)
+            return
+        try:
+            info = json.loads(body)
+            cls = _ERRORS.get(str(info.get("code")), RemoteAbortError)
+            message = f"rank {int(info['origin'])} aborted: {info['message']}"
+            ranks = [int(r) for r in info.get("ranks", [])]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("rank %d: malformed abort from rank %d: %s", self.rank, peer, exc)
+            return
+        hit = False
+        for op in list(self._active):
+            if op.gid == key.gid:
+                err = op.error(cls, message, ranks)
+                self._broken.setdefault(op.gid, err)
+                op.fail(err)
+                hit = True
+        if not hit:
+            self._broken.setdefault(key.gid, cls(message, seq=key.seq, ranks=ranks))
+        self._drop_unexpected(key.gid)
+
+    # ----------------------------------------------------------------- lifecycle
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, tracked so that close() can wait for it."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5.0)
+        for task in list(self._background):
+            task.cancel()
+        for conn in list(self._conns.values()):
+            try:
+                await conn.aclose()
+            except Exception as exc:
+                log.debug("closing connection: %s", exc)
+        for t in self.transports:
+            await t.aclose()
+        self._conns.clear()
+        self._unexpected.clear()
+
+    def abort(self) -> None:
+        self._closing = True
+        for task in list(self._background):
+            task.cancel()
+        for conn in list(self._conns.values()):
+            conn.abort()
+        for t in self.transports:
+            t.abort()
+        self._conns.clear()

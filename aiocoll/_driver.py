@@ -1,0 +1,157 @@
+"""Runs sans-IO schedules (aiocoll.algorithms) over the communicator: the async driver.
+
+For each batch a schedule yields, the driver posts every receive first (so that frames land
+straight in their buffers), starts every send, and waits for all of them or for the
+collective's failure, whichever comes first. The k-th message between a pair of ranks in one
+collective gets step k in its frame key; together with the group id and sequence number that is
+what the receiving side matches on.
+
+Timeouts, cancellation and failures end here: the collective is unregistered, its pending
+receives withdrawn, its group marked broken, and (if the failure started on this rank) every
+other member is told with an ABORT frame, so that all members raise instead of waiting.
+Sends already handed to a transport are never interrupted mid-frame: they finish in the
+background (tracked by the communicator), keeping every connection's framing intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ._comm import ActiveOp, Communicator
+from ._errors import CollectiveError, CollectiveTimeoutError
+from ._group import ProcessGroup
+from ._wire import FLAG_P2P, FrameKey, Kind
+from .algorithms import Recv, Schedule, Send
+
+
+def _bytes(a: Any) -> memoryview:
+    m = memoryview(a)
+    return m if (m.ndim == 1 and m.format == "B") else m.cast("B")
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _wait(comm: Communicator, active: ActiveOp, waiters: list[asyncio.Future[Any]]) -> None:
+    if not waiters:
+        return
+    if len(waiters) == 1:
+        both = waiters[0]
+    else:
+        both = asyncio.gather(*waiters)
+    both.add_done_callback(_retrieve)
+    if not both.done():
+        await asyncio.wait((both, active.failure), return_when=asyncio.FIRST_COMPLETED)
+    if active.failure.done() and not active.failure.cancelled():
+        exc = active.failure.exception()
+        if exc is not None:
+            raise exc
+    if not both.done():  # pragma: no cover - wait() returned, so one of the two is done
+        raise RuntimeError("driver woke with nothing done")
+    both.result()
+
+
+def _timeout_error(group: ProcessGroup, active: ActiveOp, name: str, timeout: float | None) -> CollectiveTimeoutError:
+    waiting = sorted({p.peer for p in active.posted})
+    who = f"; still waiting for ranks {waiting}" if waiting else ""
+    return CollectiveTimeoutError(
+        f"{name} did not complete within {timeout} s{who}",
+        group=group.name,
+        seq=active.seq,
+        op=name,
+        ranks=waiting,
+    )
+
+
+async def run_schedule(
+    group: ProcessGroup,
+    name: str,
+    kind: Kind,
+    schedule: Schedule,
+    *,
+    seq: int,
+    op: int = 0,
+    dtype: int = 0,
+    count: int = 0,
+    check_count: bool = True,
+    timeout: float | None,
+) -> None:
+    """Run ``schedule`` as collective number ``seq`` of ``group``.
+
+    Raises:
+        CollectiveError: on timeout, peer failure, mismatch or a remote abort (the subclass says
+            which); the group is then broken on every member.
+        asyncio.CancelledError: the caller was cancelled; the group is broken on every member.
+    """
+    comm = group.world.comm
+    ranks = group.ranks
+    active = comm.begin(group.name, group.gid, seq, name, frozenset(ranks))
+    sent = [0] * group.size
+    received = [0] * group.size
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                for batch in schedule:
+                    waiters: list[asyncio.Future[Any]] = []
+                    for item in batch:
+                        if isinstance(item, Recv):
+                            key = FrameKey(group.gid, seq, received[item.peer], kind, op, dtype, 0, count)
+                            received[item.peer] += 1
+                            waiters.append(
+                                comm.post_recv(ranks[item.peer], key, _bytes(item.into), active, check_count=check_count)
+                            )
+                    for item in batch:
+                        if isinstance(item, Send):
+                            key = FrameKey(group.gid, seq, sent[item.peer], kind, op, dtype, 0, count)
+                            sent[item.peer] += 1
+                            waiters.append(comm.spawn(comm.send(ranks[item.peer], key, _bytes(item.data))))
+                    await _wait(comm, active, waiters)
+        except TimeoutError:
+            raise _timeout_error(group, active, name, timeout) from None
+    except BaseException as exc:
+        schedule.close()
+        comm.end(active, exc)
+        raise
+    comm.end(active)
+
+
+async def run_p2p(
+    group: ProcessGroup,
+    peer: int,
+    payload: Any,
+    *,
+    receive: bool,
+    tag: int,
+    dtype: int,
+    count: int,
+    timeout: float | None,
+) -> None:
+    """Send ``payload`` to (or receive it from) group rank ``peer`` on ``tag``."""
+    comm = group.world.comm
+    counter = group.p2p_received if receive else group.p2p_sent
+    n = counter[(peer, tag)]
+    counter[(peer, tag)] += 1
+    name = "recv" if receive else "send"
+    other = group.ranks[peer]
+    active = comm.begin(group.name, group.gid, n, name, frozenset((comm.rank, other)))
+    key = FrameKey(group.gid, n, tag, Kind.SEND, 0, dtype, FLAG_P2P, count)
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                if receive:
+                    fut = comm.post_recv(other, key, _bytes(payload), active)
+                else:
+                    fut = comm.spawn(comm.send(other, key, _bytes(payload)))
+                await _wait(comm, active, [fut])
+        except TimeoutError:
+            raise _timeout_error(group, active, name, timeout) from None
+    except BaseException as exc:
+        comm.end(active, exc)
+        raise
+    comm.end(active)
+
+
+__all__ = ["run_schedule", "run_p2p", "CollectiveError"]

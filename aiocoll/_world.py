@@ -1,0 +1,327 @@
+"""The world: this process's rank, its connections, its groups; ``init``, ``destroy``, ``world``.
+
+Which world is current: ``init`` records the world in a context variable (so that many ranks
+can live as tasks of one event loop, as ``aiocoll.testing`` runs them) and, unless it runs
+inside that harness, also as the process's world (so that threads and the sync API see it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import os
+import socket
+import ssl as _ssl
+from collections.abc import Generator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ._comm import Communicator
+from ._errors import NotInitializedError, StoreError
+from ._group import ProcessGroup, group_id
+from ._group_registry import GroupRegistry
+from .transports import Transport, TransportConfig, get_transport
+
+log = logging.getLogger("aiocoll")
+
+DEFAULT_TIMEOUT = 60.0
+
+_current: contextvars.ContextVar[World | None] = contextvars.ContextVar("aiocoll_world", default=None)
+in_harness: contextvars.ContextVar[bool] = contextvars.ContextVar("aiocoll_in_harness", default=False)
+_process_world: World | None = None
+
+
+def host_key() -> str:
+    """Identifies this host (and boot): ranks with equal keys can share memory."""
+    boot = ""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        pass
+    return f"{socket.gethostname()}/{boot}"
+
+
+class World:
+    """Everything one rank holds: communicator, store, world group and group registry."""
+
+    def __init__(self, rank: int, world_size: int, comm: Communicator, *, timeout: float) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.comm = comm
+        self.timeout = timeout
+        self.store: Any = None
+        self.owns_store = False
+        self.transport_names: dict[int, str] = {}
+        self.registry = GroupRegistry(self)
+        self.group = self.registry.add(
+            ProcessGroup(self, range(world_size), tag="", name="world", gid=group_id(range(world_size), "world", 0))
+        )
+        self.closed = False
+
+
+def current_world() -> World:
+    """The world of the calling context.
+
+    Raises:
+        NotInitializedError: ``aiocoll.init()`` has not completed (or ``destroy()`` ran).
+    """
+    w = _current.get() or _process_world
+    if w is None or w.closed:
+        raise NotInitializedError("aiocoll is not initialised: await aiocoll.init() first")
+    return w
+
+
+def world() -> ProcessGroup:
+    """The root group of all ranks.
+
+    Raises:
+        NotInitializedError: before ``init``.
+    """
+    return current_world().group
+
+
+def _env_float(name: str) -> float | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+async def _start(
+    rank: int | None,
+    world_size: int | None,
+    store: Any,
+    transport: str | None,
+    timeout: float | None,
+    secret: bytes | str | None,
+    host: str | None,
+    ssl: _ssl.SSLContext | None,
+    ssl_client: _ssl.SSLContext | None,
+    transport_options: Mapping[str, Any] | None,
+) -> World:
+    env = None
+    if rank is None or world_size is None:
+        from ._env import read_launch_env
+
+        env = read_launch_env()
+    if rank is None:
+        rank = env.rank if env is not None else 0
+    if world_size is None:
+        world_size = env.world_size if env is not None else 1
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+    if timeout is None:
+        timeout = _env_float("AIOCOLL_TIMEOUT") or DEFAULT_TIMEOUT
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    transport = transport or os.environ.get("AIOCOLL_TRANSPORT") or "auto"
+    if secret is None:
+        secret = os.environ.get("AIOCOLL_SECRET") or (env.secret if env is not None else None)
+    secret_b = secret.encode() if isinstance(secret, str) else (secret or b"")
+    if store is None:
+        store = os.environ.get("AIOCOLL_STORE") or (env.store if env is not None else None)
+
+    comm = Communicator(rank, world_size)
+    w = World(rank, world_size, comm, timeout=timeout)
+    if world_size == 1 and store is None:
+        return w
+    if store is None:
+        raise ValueError(
+            f"a world of {world_size} ranks needs a store to meet: pass store='tcp://host:port' "
+            "(or file:///path, or a Store), or set MASTER_ADDR and MASTER_PORT"
+        )
+    from ._store import open_store
+
+    w.store = await open_store(store, rank=rank, world_size=world_size, secret=secret_b, timeout=timeout)
+    try:
+        await _connect_all(w, transport, secret_b, host, ssl, ssl_client, dict(transport_options or {}))
+    except BaseException:
+        comm.abort()
+        await w.store.aclose()
+        raise
+    return w
+
+
+def _candidates(transport: str) -> list[str]:
+    if transport != "auto":
+        return [transport]
+    names = ["tcp"]
+    try:
+        get_transport("shm")
+    except Exception:  # shm missing or unusable here: tcp serves same-host peers too
+        pass
+    else:
+        names.insert(0, "shm")
+    return names
+
+
+async def _connect_all(
+    w: World,
+    transport: str,
+    secret: bytes,
+    host: str | None,
+    ssl: _ssl.SSLContext | None,
+    ssl_client: _ssl.SSLContext | None,
+    options: dict[str, Any],
+) -> None:
+    rank, size, comm = w.rank, w.world_size, w.comm
+    names = _candidates(transport)
+    if not secret and transport != "inproc":
+        log.warning(
+            "rank %d: no AIOCOLL_SECRET: connections are not authenticated (aiocoll run sets one)", rank
+        )
+    bind = host or os.environ.get("AIOCOLL_HOST") or "127.0.0.1"
+    started: dict[str, Transport] = {}
+    addresses: dict[str, str] = {}
+    for name in names:
+        factory = get_transport(name)
+        config = TransportConfig(
+            rank=rank,
+            world_size=size,
+            secret=secret,
+            host=bind,
+            timeout=w.timeout,
+            ssl_server=ssl,
+            ssl_client=ssl_client,
+            options=options,
+        )
+        t = factory(config)
+        started[name] = t
+        comm.transports.append(t)
+        addresses[name] = await t.listen(comm)
+    me = {"host": host_key(), "addresses": addresses}
+    await w.store.set(f"aiocoll/addr/{rank}", json.dumps(me).encode())
+
+    async def link(peer: int) -> None:
+        info = json.loads(await w.store.get(f"aiocoll/addr/{peer}", timeout=w.timeout))
+        theirs: dict[str, str] = info["addresses"]
+        same_host = info["host"] == me["host"]
+        for name in names:
+            if name not in theirs:
+                continue
+            if started[name].capabilities.same_host_only and not same_host:
+                continue
+            conn = await started[name].connect(peer, theirs[name])
+            comm.add_connection(peer, conn)
+            w.transport_names[peer] = name
+            return
+        raise StoreError(f"rank {peer} offers transports {sorted(theirs)}, none usable from rank {rank} ({names})")
+
+    await asyncio.gather(*(link(p) for p in range(size) if p != rank))
+
+
+class _Init:
+    """What ``init()`` returns: await it for the world group, or use it with ``async with``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._world: World | None = None
+
+    async def _do(self) -> ProcessGroup:
+        global _process_world
+        if _current.get() is not None and not _current.get().closed:  # type: ignore[union-attr]
+            raise RuntimeError("aiocoll.init() was already called in this context; destroy() first")
+        w = await _start(**self._kwargs)
+        self._world = w
+        _current.set(w)
+        if not in_harness.get():
+            _process_world = w
+        return w.group
+
+    def __await__(self) -> Generator[Any, None, ProcessGroup]:
+        return self._do().__await__()
+
+    async def __aenter__(self) -> ProcessGroup:
+        return await self._do()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await destroy(abort=e is not None)
+
+
+def init(
+    rank: int | None = None,
+    world_size: int | None = None,
+    store: Any = None,
+    transport: str | None = None,
+    timeout: float | None = None,
+    *,
+    secret: bytes | str | None = None,
+    host: str | None = None,
+    ssl: _ssl.SSLContext | None = None,
+    ssl_client: _ssl.SSLContext | None = None,
+    transport_options: Mapping[str, Any] | None = None,
+) -> _Init:
+    """Join the world: ``pg = await aiocoll.init(...)`` or ``async with aiocoll.init(...) as pg``.
+
+    Arguments left out come from the environment (torchrun, Open MPI, MPICH or SLURM variables;
+    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_SECRET``), else rank 0 of a world of 1.
+
+    Args:
+        store: ``"tcp://host:port"`` (rank 0 serves it unless one runs), ``"file:///path"``, or
+            a Store object. Not needed for a world of one.
+        transport: ``"auto"`` (shared memory on one host, TCP between hosts), ``"tcp"``,
+            ``"shm"``, ``"ucx"``, ``"inproc"``, or a plugin's name.
+        timeout: default seconds for every collective and for meeting the other ranks.
+        secret: shared secret that authenticates the store and every connection.
+        host: address to listen on and advertise (default 127.0.0.1, or ``AIOCOLL_HOST``).
+        ssl / ssl_client: TLS contexts for TCP between hosts.
+
+    Raises:
+        ValueError: bad rank, world size, timeout, or no store for a world of several ranks.
+        StoreError / TransportError / HandshakeError: the ranks could not meet.
+    """
+    return _Init(
+        rank=rank,
+        world_size=world_size,
+        store=store,
+        transport=transport,
+        timeout=timeout,
+        secret=secret,
+        host=host,
+        ssl=ssl,
+        ssl_client=ssl_client,
+        transport_options=transport_options,
+    )
+
+
+async def destroy(*, abort: bool = False) -> None:
+    """Leave the world: wait for the other ranks (a barrier, unless ``abort``), then close.
+
+    Every connection, listener, shared segment and background task is released. Safe to call
+    twice. With ``abort=True`` nothing is waited for.
+    """
+    global _process_world
+    w = _current.get() or _process_world
+    if w is None or w.closed:
+        return
+    try:
+        if not abort and w.world_size > 1:
+            from ._collectives import barrier
+
+            try:
+                await barrier(w.group, timeout=min(w.timeout, 30.0))
+            except Exception as exc:  # a dead peer must not keep us from cleaning up
+                log.warning("rank %d: barrier in destroy() failed: %s", w.rank, exc)
+                abort = True
+    finally:
+        w.closed = True
+        if abort:
+            w.comm.abort()
+        else:
+            await w.comm.aclose()
+        if w.store is not None:
+            await w.store.aclose()
+        if _current.get() is w:
+            _current.set(None)
+        if _process_world is w:
+            _process_world = None
