@@ -22,6 +22,7 @@ import numpy as np
 from . import algorithms
 from ._arrays import Array, Payload, as_output, as_payload
 from ._driver import run_p2p, run_schedule
+from ._fastpath import fastpath_for
 from ._group import ProcessGroup
 from ._group_forms import resolve_group
 from ._ops import ReduceOp, check_op_dtype, finish_avg, parse_op, reduce_into
@@ -117,8 +118,11 @@ async def all_reduce(
 async def _all_reduce_into(
     g: ProcessGroup, seq: int, rop: ReduceOp, p: Payload, x: Array, out: Array, t: float, kind: Kind, name: str
 ) -> None:
+    fast = fastpath_for(g, "all_reduce", x.nbytes) if g.size > 1 else None
     if g.size == 1:
         out[...] = x
+    elif fast is not None:
+        await fast.all_reduce(g, seq, rop, p.code, x, out, t)
     else:
         algo = algorithms.choose("all_reduce", x.nbytes, g.size)
         reduce = _reducer(rop, p)
