@@ -11,9 +11,9 @@ modules are private (``_name``). Errors: see ``aiocoll._errors`` for the tree.
 
 from __future__ import annotations
 
-from ._layout import mount_transports
+from . import _layout
 
-mount_transports()
+_layout.mount_transports()
 
 from ._collectives import (  # noqa: E402
     all_gather,

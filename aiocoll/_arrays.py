@@ -63,7 +63,8 @@ def as_payload(x: object, what: str = "x") -> Payload:
     if _is_torch(x):
         from ._torch_arrays import tensor_payload
 
-        return tensor_payload(x)
+        payload: Payload = tensor_payload(x)
+        return payload
     if isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "__array_interface__"):
         arr = contiguous(np.asarray(x))
         return Payload(arr, wire_dtype(arr.dtype), _identity)
@@ -96,7 +97,8 @@ def as_output(out: object, like: Payload, shape: tuple[int, ...]) -> tuple[Array
     if _is_torch(out):
         from ._torch_arrays import tensor_output
 
-        return tensor_output(out, like, shape)
+        made: tuple[Array, Callable[[Array], Any]] = tensor_output(out, like, shape)
+        return made
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array here, got {type(out).__name__}")
     if out.dtype != like.array.dtype:

@@ -347,7 +347,7 @@ class Communicator:
     # ----------------------------------------------------------------- lifecycle
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, tracked so that close() can wait for it."""
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
