@@ -140,7 +140,9 @@ async def _start(
         )
     from ._store import open_store
 
-    w.store = await open_store(store, rank=rank, world_size=world_size, secret=secret_b, timeout=timeout)
+    w.store = await open_store(
+        store, rank=rank, world_size=world_size, secret=secret_b, timeout=timeout, ssl_server=ssl, ssl_client=ssl_client
+    )
     try:
         await _connect_all(w, transport, secret_b, host, ssl, ssl_client, dict(transport_options or {}))
     except BaseException:
