@@ -21,7 +21,7 @@ import numpy as np
 
 from . import algorithms
 from ._arrays import Array, Payload, as_output, as_payload
-from ._driver import run_p2p, run_schedule
+from ._driver import OFFLOAD_BYTES, run_p2p, run_schedule
 from ._fastpath import fastpath_for
 from ._group import ProcessGroup
 from ._group_forms import resolve_group
@@ -133,7 +133,8 @@ async def _all_reduce_into(
         else:
             sched = ring.ring_all_reduce(g.rank, g.size, x, out, reduce)
         await run_schedule(
-            g, name, kind, sched, seq=seq, op=rop, dtype=p.code, count=x.size, timeout=t
+            g, name, kind, sched, seq=seq, op=rop, dtype=p.code, count=x.size, timeout=t,
+            offload=x.nbytes >= OFFLOAD_BYTES,
         )
     if rop == ReduceOp.AVG:
         finish_avg(p.code, out, g.size)
@@ -205,7 +206,8 @@ async def reduce_scatter(
         else:
             sched = ring.ring_reduce_scatter(g.rank, g.size, flat_in, flat_out, reduce)
         await run_schedule(
-            g, "reduce_scatter", Kind.REDUCE_SCATTER, sched, seq=seq, op=rop, dtype=p.code, count=flat_in.size, timeout=t
+            g, "reduce_scatter", Kind.REDUCE_SCATTER, sched, seq=seq, op=rop, dtype=p.code, count=flat_in.size, timeout=t,
+            offload=flat_in.nbytes >= OFFLOAD_BYTES,
         )
     if rop == ReduceOp.AVG:
         finish_avg(p.code, flat_out, g.size)
@@ -336,7 +338,10 @@ async def reduce(
             sched = tree.binomial_reduce(g.rank, g.size, root, buf, reduce_fn)
         else:
             sched = _rs_gather(g.rank, g.size, root, _flat(p.array), buf, reduce_fn)
-        await run_schedule(g, "reduce", Kind.REDUCE, sched, seq=seq, op=rop, dtype=p.code, count=buf.size, timeout=t)
+        await run_schedule(
+            g, "reduce", Kind.REDUCE, sched, seq=seq, op=rop, dtype=p.code, count=buf.size, timeout=t,
+            offload=buf.nbytes >= OFFLOAD_BYTES,
+        )
     if g.rank != root:
         return p.wrap(p.array.copy())
     if rop == ReduceOp.AVG:

@@ -24,6 +24,9 @@ from ._group import ProcessGroup
 from ._wire import FLAG_P2P, FrameKey, Kind
 from .algorithms import Recv, Schedule, Send
 
+#: Payloads at least this large have their local work (reductions, copies) run off the loop.
+OFFLOAD_BYTES = 1 << 20
+
 
 def _bytes(a: Any) -> memoryview:
     m = memoryview(a)
@@ -78,8 +81,11 @@ async def run_schedule(
     count: int = 0,
     check_count: bool = True,
     timeout: float | None,
+    offload: bool = False,
 ) -> None:
     """Run ``schedule`` as collective number ``seq`` of ``group``.
+
+    ``offload``: run the schedule's local work on a worker thread (for large payloads).
 
     Raises:
         CollectiveError: on timeout, peer failure, mismatch or a remote abort (the subclass says
@@ -91,10 +97,23 @@ async def run_schedule(
     active = comm.begin(group.name, group.gid, seq, name, frozenset(ranks))
     sent = [0] * group.size
     received = [0] * group.size
+    loop = asyncio.get_running_loop()
+    stepping: asyncio.Future[Any] | None = None
     try:
         try:
             async with asyncio.timeout(timeout):
-                for batch in schedule:
+                while True:
+                    # The code between two yields is the schedule's local work (copies,
+                    # reductions). For large payloads it runs on a worker thread (numpy releases
+                    # the GIL), so the event loop keeps serving other tasks meanwhile.
+                    if offload:
+                        stepping = loop.run_in_executor(None, _step, schedule)
+                        batch = await stepping
+                        stepping = None
+                    else:
+                        batch = _step(schedule)
+                    if batch is None:
+                        break
                     waiters: list[asyncio.Future[Any]] = []
                     for item in batch:
                         if isinstance(item, Recv):
@@ -112,10 +131,20 @@ async def run_schedule(
         except TimeoutError:
             raise _timeout_error(group, active, name, timeout) from None
     except BaseException as exc:
-        schedule.close()
+        if stepping is None or stepping.done():
+            schedule.close()
+        else:  # the worker thread is still inside the generator: close it when it returns
+            stepping.add_done_callback(lambda _: schedule.close())
         comm.end(active, exc)
         raise
     comm.end(active)
+
+
+def _step(schedule: Schedule) -> list[Any] | None:
+    try:
+        return next(schedule)
+    except StopIteration:
+        return None
 
 
 async def run_p2p(

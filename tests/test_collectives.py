@@ -346,3 +346,29 @@ async def test_world_of_one_needs_no_store():
         assert aiocoll.world() is pg
     with pytest.raises(aiocoll.NotInitializedError):
         aiocoll.world()
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "rsag", "ring"])
+async def test_large_payload_local_work_runs_off_the_loop(algorithm):
+    from aiocoll._driver import OFFLOAD_BYTES
+
+    algorithms.force("all_reduce", algorithm)
+    count = OFFLOAD_BYTES // 8 * 2 + 3
+    inputs = [data(r, (count,), np.float64) for r in range(3)]
+    ticks = 0
+
+    async def heartbeat():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        results = await run_ranks(lambda r: aiocoll.all_reduce(inputs[r]), 3)
+    finally:
+        beat.cancel()
+    want = reduce_ref("sum", inputs)
+    for y in results:
+        assert_reduced(y, want, 3)
+    assert ticks > 0
