@@ -47,6 +47,7 @@ from ._errors import (  # noqa: E402
 )
 from ._group import ProcessGroup  # noqa: E402
 from ._groups_api import find_group, find_or_create_group, new_group  # noqa: E402
+from ._objects import all_gather_object, broadcast_object  # noqa: E402
 from ._ops import ReduceOp  # noqa: E402
 from ._world import destroy, init, world  # noqa: E402
 
@@ -75,6 +76,8 @@ __all__ = [
     "all_gather_coalesced",
     "reduce_scatter_coalesced",
     "ReduceOp",
+    "all_gather_object",
+    "broadcast_object",
     # groups
     "ProcessGroup",
     "new_group",
