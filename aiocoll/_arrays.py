@@ -48,7 +48,9 @@ def contiguous(a: Array) -> Array:
 
 
 def _is_torch(x: object) -> bool:
-    return type(x).__module__.split(".", 1)[0] == "torch"
+    # Tensor subclasses defined outside torch (aiocoll.torch's lazy results, user subclasses)
+    # are tensors too: look through the type's bases.
+    return any(c.__module__.split(".", 1)[0] == "torch" for c in type(x).__mro__)
 
 
 def as_payload(x: object, what: str = "x") -> Payload:
