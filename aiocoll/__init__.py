@@ -46,7 +46,14 @@ from ._errors import (  # noqa: E402
     TransportError,
 )
 from ._group import ProcessGroup  # noqa: E402
-from ._groups_api import find_group, find_or_create_group, new_group  # noqa: E402
+from ._groups_api import (  # noqa: E402
+    expand_group,
+    find_group,
+    find_or_create_group,
+    new_group,
+    new_subgroups,
+)
+from ._mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from ._objects import all_gather_object, broadcast_object  # noqa: E402
 from ._ops import ReduceOp  # noqa: E402
 from ._world import destroy, init, world  # noqa: E402
@@ -83,6 +90,10 @@ __all__ = [
     "new_group",
     "find_group",
     "find_or_create_group",
+    "new_subgroups",
+    "expand_group",
+    "DeviceMesh",
+    "init_device_mesh",
     # errors
     "AiocollError",
     "CollectiveError",

@@ -1,15 +1,63 @@
-"""The group registry of one world: tags, names, and lookups. (Minimal; extended by issue 4.)"""
+"""The group registry of one world: every group this rank made, found by (ranks, tag) or by name.
+
+Rules (SPEC section 3):
+
+- A tagged group is unique per (sorted ranks, tag): asking again returns the same object.
+- Untagged groups may repeat. The k-th untagged group of some ranks gets instance k, so every
+  member derives the same id without talking to the others (see ``_group.group_id``).
+- Lookups ignore rank order. ``find(ranks, "")`` returns the first untagged group of those ranks:
+  for all ranks that is the world, which the world adds first.
+- An untagged group still round-trips through ``expand_group`` and ``find``: it is known by the
+  reserved tag ``"untagged:<name>"`` (``untagged_tag``), which names this exact instance.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ._group import ProcessGroup, group_id
 
 if TYPE_CHECKING:
     from ._world import World
+
+UNTAGGED_PREFIX = "untagged:"
+"""Tags that start with this name one untagged group by its name; users cannot create them."""
+
+
+def check_tag(tag: Any) -> str:
+    """``tag`` as a string (None means untagged).
+
+    Raises:
+        TypeError: ``tag`` is not a string or None.
+    """
+    if tag is None:
+        return ""
+    if not isinstance(tag, str):
+        raise TypeError(f"a group tag must be a string, got {type(tag).__name__}")
+    return tag
+
+
+def as_rank(r: Any) -> int:
+    """``r`` as a non-negative int rank (numpy integers accepted).
+
+    Raises:
+        TypeError: ``r`` is not an integer (bools are refused too).
+        ValueError: ``r`` is negative.
+    """
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)):
+        raise TypeError(f"group ranks must be integers, got {r!r} ({type(r).__name__})")
+    if r < 0:
+        raise ValueError(f"group ranks must be non-negative, got {int(r)}")
+    return int(r)
+
+
+def untagged_tag(group: ProcessGroup) -> str:
+    """The tag that ``expand_group`` reports for ``group``: its own, or one naming this instance."""
+    return group.tag or UNTAGGED_PREFIX + group.name
 
 
 class GroupRegistry:
@@ -20,53 +68,134 @@ class GroupRegistry:
         self._tagged: dict[tuple[tuple[int, ...], str], ProcessGroup] = {}
         self._untagged: dict[tuple[int, ...], list[ProcessGroup]] = {}
         self._by_name: dict[str, ProcessGroup] = {}
-        self._instances: Counter[tuple[tuple[int, ...], str]] = Counter()
+        self._instances: Counter[tuple[int, ...]] = Counter()
 
-    def _check_ranks(self, ranks: Iterable[int]) -> tuple[int, ...]:
-        out = []
-        for r in ranks:
-            if isinstance(r, bool) or not isinstance(r, int):
-                try:
-                    r = int(r)  # numpy integers
-                except (TypeError, ValueError):
-                    raise TypeError(f"group ranks must be integers, got {r!r}") from None
-            if not 0 <= r < self._world.world_size:
-                raise ValueError(f"rank {r} out of range for a world of size {self._world.world_size}")
-            out.append(int(r))
+    def check_ranks(self, ranks: Iterable[Any]) -> tuple[int, ...]:
+        """``ranks`` validated and sorted.
+
+        Raises:
+            TypeError: ``ranks`` is not iterable, or holds something other than integers.
+            ValueError: no ranks, a rank out of range for the world, or a duplicate.
+        """
+        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
+            raise TypeError(f"group ranks must be a sequence of integers, got {type(ranks).__name__}")
+        out = [as_rank(r) for r in ranks]
+        size = self._world.world_size
+        for r in out:
+            if r >= size:
+                raise ValueError(f"rank {r} out of range for a world of size {size}")
         if not out:
             raise ValueError("a group needs at least one rank")
         if len(set(out)) != len(out):
-            raise ValueError(f"duplicate ranks in group {out}")
+            dup = sorted(r for r, n in Counter(out).items() if n > 1)
+            raise ValueError(f"duplicate ranks {dup} in group {out}")
         return tuple(sorted(out))
 
     def add(self, group: ProcessGroup) -> ProcessGroup:
-        key = (tuple(sorted(group.ranks)), group.tag)
+        """Register ``group`` (the world uses this for its root group).
+
+        Raises:
+            ValueError: another group already has this name, or this tag and these ranks.
+        """
+        if group.name in self._by_name:
+            raise ValueError(f"a group named {group.name!r} already exists: {self._by_name[group.name]!r}")
+        key = tuple(sorted(group.ranks))
         if group.tag:
-            self._tagged[key] = group
+            if (key, group.tag) in self._tagged:
+                raise ValueError(f"a group tagged {group.tag!r} with ranks {list(key)} already exists")
+            self._tagged[(key, group.tag)] = group
         else:
-            self._untagged.setdefault(key[0], []).append(group)
+            self._untagged.setdefault(key, []).append(group)
         self._by_name[group.name] = group
         return group
 
-    def new_group(self, ranks: Iterable[int], tag: str = "", name: str = "") -> ProcessGroup:
-        sorted_ranks = self._check_ranks(ranks)
-        if tag and (sorted_ranks, tag) in self._tagged:
-            return self._tagged[(sorted_ranks, tag)]
-        n = self._instances[(sorted_ranks, tag)]
-        self._instances[(sorted_ranks, tag)] += 1
+    def new_group(self, ranks: Iterable[Any], tag: str | None = "", name: str = "") -> ProcessGroup:
+        """A group of ``ranks``: the existing one for a known (ranks, tag), else a new one.
+
+        Raises:
+            TypeError: ranks not integers, tag or name not a string.
+            ValueError: bad ranks; a reserved tag; a name already used by another group.
+        """
+        tag = check_tag(tag)
+        if not isinstance(name, str):
+            raise TypeError(f"a group name must be a string, got {type(name).__name__}")
+        sorted_ranks = self.check_ranks(ranks)
+        if tag.startswith(UNTAGGED_PREFIX):
+            raise ValueError(
+                f"tags starting with {UNTAGGED_PREFIX!r} are reserved (they name untagged groups); "
+                f"got {tag!r}"
+            )
+        if tag:
+            existing = self._tagged.get((sorted_ranks, tag))
+            if existing is not None:
+                if name and name != existing.name:
+                    raise ValueError(
+                        f"the group tagged {tag!r} with ranks {list(sorted_ranks)} already exists "
+                        f"named {existing.name!r}, not {name!r}"
+                    )
+                return existing
+            n = 0
+        else:
+            n = self._instances[sorted_ranks]
         if not name:
             name = f"{tag}:{list(sorted_ranks)}" if tag else f"group{list(sorted_ranks)}"
             if n:
                 name += f"#{n}"
+        if name in self._by_name:
+            raise ValueError(f"a group named {name!r} already exists: {self._by_name[name]!r}")
         group = ProcessGroup(self._world, sorted_ranks, tag=tag, name=name, gid=group_id(sorted_ranks, tag, n))
+        if not tag:
+            self._instances[sorted_ranks] += 1
         return self.add(group)
 
-    def find(self, ranks: Iterable[int], tag: str = "") -> ProcessGroup | None:
-        sorted_ranks = tuple(sorted(int(r) for r in ranks))
+    def find(self, ranks: Iterable[Any], tag: str | None = "") -> ProcessGroup | None:
+        """The group of ``ranks`` (any order) and ``tag``, or None.
+
+        ``""`` finds the first untagged group of those ranks (the world for all ranks);
+        ``"untagged:<name>"`` finds that untagged group.
+
+        Raises:
+            TypeError / ValueError: bad ranks or tag, as for ``new_group``.
+        """
+        tag = check_tag(tag)
+        sorted_ranks = self.check_ranks(ranks)
+        if tag.startswith(UNTAGGED_PREFIX):
+            group = self._by_name.get(tag[len(UNTAGGED_PREFIX):])
+            if group is None or group.tag or tuple(sorted(group.ranks)) != sorted_ranks:
+                return None
+            return group
         if tag:
             return self._tagged.get((sorted_ranks, tag))
         found = self._untagged.get(sorted_ranks)
         return found[0] if found else None
 
+    def find_or_create(self, ranks: Iterable[Any], tag: str) -> ProcessGroup:
+        """The group of ``ranks`` and ``tag``, created if needed.
+
+        Raises:
+            ValueError: empty tag (an untagged lookup cannot tell repeated groups apart); an
+                ``"untagged:"`` tag that names no such group; bad ranks.
+        """
+        tag = check_tag(tag)
+        sorted_ranks = self.check_ranks(ranks)
+        if not tag:
+            raise ValueError(
+                "find_or_create_group needs a non-empty tag: untagged groups may repeat, so an "
+                "empty tag cannot say which to find (use find_group, or new_group to make one)"
+            )
+        found = self.find(sorted_ranks, tag)
+        if found is not None:
+            return found
+        if tag.startswith(UNTAGGED_PREFIX):
+            raise ValueError(f"no untagged group {tag[len(UNTAGGED_PREFIX):]!r} with ranks {list(sorted_ranks)}")
+        return self.new_group(sorted_ranks, tag=tag)
+
     def by_name(self, name: str) -> ProcessGroup | None:
+        """The group named ``name``, or None."""
         return self._by_name.get(name)
+
+    def __iter__(self) -> Iterator[ProcessGroup]:
+        return iter(list(self._by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_name)

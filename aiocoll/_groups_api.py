@@ -1,35 +1,112 @@
-"""Public group functions (plain functions: creating a group needs no collective). Minimal; issue 4 extends."""
+"""Public group functions. Plain functions: making or finding a group needs no collective, no
+new connection and no world-wide call order; every member derives the same group id alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
 
 from ._group import ProcessGroup
+from ._group_forms import expand_group as _expand_group
+from ._group_forms import resolve_group
 from ._world import current_world
 
 
-def new_group(ranks: Iterable[int], tag: str = "", name: str = "") -> ProcessGroup:
-    """A group of the given global ranks (sorted). Local: no collective, no new connection.
+def new_group(ranks: Iterable[int], tag: str | None = "", name: str = "") -> ProcessGroup:
+    """A group of the given global ranks (sorted: group rank i is the i-th smallest).
 
-    The same non-empty tag and ranks always give the same group object.
+    Local: no collective, no new connection. The same non-empty ``tag`` and ranks (in any
+    order) always give the same object. Untagged groups may repeat: the k-th untagged group of
+    some ranks on one member is the k-th on every member, so make them in the same order on
+    every member (other groups in between do not matter).
+
+    Args:
+        tag: "" or None for an untagged group. Tags starting with ``"untagged:"`` are reserved.
+        name: a unique name, accepted wherever a group goes (default: derived from tag and ranks).
 
     Raises:
-        ValueError: a rank out of range, duplicates, or no ranks.
+        TypeError: ranks are not integers; tag or name is not a string.
+        ValueError: no ranks, a rank out of range, a duplicate; a reserved tag; the name is taken.
+        NotInitializedError: before ``aiocoll.init``.
     """
     return current_world().registry.new_group(ranks, tag=tag, name=name)
 
 
-def find_group(ranks: Iterable[int], tag: str = "") -> ProcessGroup | None:
-    """The group of these ranks (order ignored) and tag, or None."""
+def new_subgroups(
+    group_size: int, tag: str | None = None, *, group: Any = None
+) -> tuple[ProcessGroup | None, list[ProcessGroup]]:
+    """Split ``group`` (default: the world) into contiguous groups of ``group_size`` members.
+
+    ``new_subgroups(2)`` in a world of 4 gives [0, 1] and [2, 3]. Returns ``(mine, all)``:
+    the subgroup holding this rank (None if this rank is not in ``group``) and every
+    subgroup in order. With a ``tag`` the same call returns the same objects; without one,
+    each call makes new (untagged) groups.
+
+    Raises:
+        TypeError: ``group_size`` is not an int.
+        ValueError: ``group_size`` is not positive, exceeds the group's size or does not divide it.
+        NotInitializedError: before ``aiocoll.init``.
+    """
+    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, (int, np.integer)):
+        raise TypeError(f"group_size must be an int, got {group_size!r}")
+    world = current_world()
+    parent = resolve_group(group, world)
+    if group_size <= 0:
+        raise ValueError(f"group_size ({group_size}) must be positive")
+    if group_size > parent.size:
+        raise ValueError(f"group_size ({group_size}) must not exceed the group size ({parent.size})")
+    if parent.size % group_size:
+        raise ValueError(f"the group size ({parent.size}) must be divisible by group_size ({group_size})")
+    groups = [
+        world.registry.new_group(parent.ranks[i : i + int(group_size)], tag=tag)
+        for i in range(0, parent.size, int(group_size))
+    ]
+    mine = next((g for g in groups if g.rank >= 0), None)
+    return mine, groups
+
+
+def find_group(ranks: Iterable[int], tag: str | None = "") -> ProcessGroup | None:
+    """The group of these ranks (order ignored) and tag, or None.
+
+    An empty tag finds the first untagged group of those ranks; for all ranks, the world. The
+    tag ``expand_group`` reports for an untagged group (``"untagged:<name>"``) finds that group.
+
+    Raises:
+        TypeError / ValueError: bad ranks or tag, as for ``new_group``.
+        NotInitializedError: before ``aiocoll.init``.
+    """
     return current_world().registry.find(ranks, tag)
 
 
 def find_or_create_group(ranks: Iterable[int], tag: str) -> ProcessGroup:
-    """The group of these ranks and tag, created if needed.
+    """The group of these ranks (order ignored) and tag, created if needed.
 
     Raises:
-        ValueError: ``tag`` is empty (an untagged lookup cannot tell repeated groups apart).
+        ValueError: ``tag`` is empty (untagged groups may repeat, so it cannot say which); an
+            ``"untagged:"`` tag that names no group of these ranks; bad ranks.
+        TypeError: ranks are not integers; tag is not a string.
+        NotInitializedError: before ``aiocoll.init``.
     """
-    if not tag:
-        raise ValueError("find_or_create_group needs a non-empty tag")
-    return current_world().registry.new_group(ranks, tag=tag)
+    return current_world().registry.find_or_create(ranks, tag)
+
+
+def expand_group(group: Any, tag: str = "") -> tuple[str, list[int], int]:
+    """``(tag, ranks, group_size)`` for any group form, by PyTorch's ``_expand_group`` rules.
+
+    - a list of ranks: the tag as given, the ranks, their number;
+    - a 2-d list: the tag as given, the sublists concatenated, the size of one sublist;
+    - a ProcessGroup, a group name or None (the world): its ranks and its own tag unless
+      ``tag`` is given (an untagged group reports ``"untagged:<name>"``, which ``find_group``
+      resolves to that very group);
+    - a 1-d DeviceMesh: its group, likewise; ``(mesh, dim)``: this rank's group along ``dim``.
+
+    Raises:
+        ValueError: sublists of different sizes; an n-d DeviceMesh without a dim (pass
+            ``(mesh, dim)``); an unknown name; anything else (the message names the accepted forms).
+        TypeError: ranks that are not integers; a tag that is not a string.
+        NotInitializedError: a group name or None before ``aiocoll.init``.
+    """
+    return _expand_group(group, tag)
