@@ -126,6 +126,7 @@ class Communicator:
         self._posted: dict[tuple[int, tuple[int, int, int, int]], Posted] = {}
         self._unexpected: dict[tuple[int, tuple[int, int, int, int]], tuple[FrameKey, memoryview]] = {}
         self._unexpected_bytes = 0
+        self._landing: dict[tuple[int, tuple[int, int, int, int]], Posted | None] = {}
         self._max_unexpected = max_unexpected
         self._active: set[ActiveOp] = set()
         self._dead: dict[int, str] = {}
@@ -148,6 +149,9 @@ class Communicator:
                 raise ValueError(f"control frame of {nbytes} bytes from rank {peer}")
             return memoryview(bytearray(nbytes))
         posted = self._posted.get((peer, k.slot))
+        # Remember where this frame lands: a transport may deliver the payload in several
+        # reads, and the receive may be posted while it does (then frame_received copies).
+        self._landing[(peer, k.slot)] = posted
         if posted is not None:
             posted.mismatch = posted.check(k, nbytes)
             if posted.mismatch is None:
@@ -167,12 +171,17 @@ class Communicator:
         if k.flags & FLAG_CONTROL:
             self._on_control(peer, k, bytes(buffer))
             return
+        landed = self._landing.pop((peer, k.slot), None)
         posted = self._posted.pop((peer, k.slot), None)
         if posted is not None:
             if posted.op is not None:
                 posted.op.posted.discard(posted)
             if posted.future.done():
                 return
+            if landed is not posted:  # posted while the payload was arriving in scratch memory
+                posted.mismatch = posted.check(k, buffer.nbytes)
+                if posted.mismatch is None and buffer.nbytes:
+                    posted.buffer[:] = buffer
             if posted.mismatch is not None:
                 self._mismatch(posted.op, posted.mismatch)
                 posted.future.set_exception(posted.mismatch)
@@ -189,6 +198,8 @@ class Communicator:
             return
         reason = "closed its connection" if exc is None else f"was lost ({exc})"
         self._dead[peer] = reason
+        for slot_key in [k for k in self._landing if k[0] == peer]:
+            del self._landing[slot_key]  # frames cut off mid-payload never complete
         log.log(logging.DEBUG if exc is None else logging.WARNING, "rank %d: rank %d %s", self.rank, peer, reason)
         for op in list(self._active):
             # A graceful close comes after every frame the peer sent, so only collectives
