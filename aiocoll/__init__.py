@@ -54,6 +54,7 @@ from ._groups_api import (  # noqa: E402
     new_subgroups,
 )
 from ._mesh import DeviceMesh, init_device_mesh  # noqa: E402
+from ._loop import run  # noqa: E402
 from ._objects import all_gather_object, broadcast_object  # noqa: E402
 from ._ops import ReduceOp  # noqa: E402
 from ._world import destroy, init, world  # noqa: E402
@@ -63,6 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     # starting and stopping
+    "run",
     "init",
     "destroy",
     "world",

@@ -585,7 +585,8 @@ async def launch(
         timeout=timeout,
     )
     job = _Job(
-        [python, *argv],
+        # through aiocoll._rank, which installs the preferred event loop (uvloop) first
+        [python, "-m", "aiocoll._rank", *argv],
         envs,
         job_id,
         grace=grace,
