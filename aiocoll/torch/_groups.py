@@ -1,0 +1,83 @@
+"""From a funcol ``group`` argument (and tag) to what the ops carry: a group name and its size.
+
+The ops take the group as a string (traceable, like torch's group names) plus the group size
+where output shapes depend on it, so fake and meta kernels need no group. The string is the
+group's registry name, or, where no world exists yet (shapes on meta/fake tensors before
+``init``), the expanded form ``ranks:[tag, ranks, group_size]`` that is resolved like PyTorch's
+``(tag, rankset, group_size)`` once a world exists.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from aiocoll._errors import NotInitializedError
+from aiocoll._group import ProcessGroup
+from aiocoll._group_forms import parse_rank_lists, resolve_expanded, resolve_group
+from aiocoll._mesh import DeviceMesh
+from aiocoll._world import World, current_world
+
+_EXPANDED = "ranks:"
+
+
+def _world() -> World | None:
+    try:
+        return current_world()
+    except NotInitializedError:
+        return None
+
+
+def group_key(group: Any, tag: str = "") -> tuple[str, int]:
+    """See :func:`_group_key`; under torch.compile, run at trace time and taken as a constant."""
+    return _traced_group_key(group, tag)  # type: ignore[no-any-return]
+
+
+def _group_key(group: Any, tag: str = "") -> tuple[str, int]:
+    """``(name, size)`` of the group that ``group`` stands for on this rank.
+
+    Accepts every form of ``group=`` (None, ProcessGroup, name, 1-d or 2-d rank list, DeviceMesh,
+    ``(mesh, dim)``) and a tag (used for rank lists; ignored for forms that already are a group,
+    as in torch). Before ``init``, rank lists still give a size (for meta and fake tensors).
+
+    Raises:
+        ValueError / TypeError: a bad form, bad ranks or tag (the message lists the forms).
+        NotInitializedError: a form other than a rank list before ``aiocoll.init``.
+    """
+    world = _world()
+    if world is None:
+        if isinstance(group, (list, tuple, range)) and not (group and isinstance(group[0], DeviceMesh)):
+            flat, size, _ = parse_rank_lists(group)
+            return _EXPANDED + json.dumps([tag or "", flat, size]), size
+        raise NotInitializedError(
+            f"aiocoll is not initialised: a {type(group).__name__} group needs a world (only rank lists "
+            "work before init, for shapes on meta and fake tensors)"
+        )
+    g = resolve_group(group, world, tag or "")
+    if g.rank < 0:
+        raise ValueError(f"rank {world.rank} is not a member of {g.name} (ranks {list(g.ranks)})")
+    return g.name, g.size
+
+
+def group_named(name: str) -> ProcessGroup:
+    """The group an op's group string names, in the calling context's world.
+
+    Raises:
+        NotInitializedError: no world. ValueError: no such group, or this rank is not a member.
+    """
+    world = current_world()
+    if name.startswith(_EXPANDED):
+        tag, ranks, size = json.loads(name[len(_EXPANDED):])
+        g = resolve_expanded(tag, ranks, size, world)
+    else:
+        g = resolve_group(name, world)
+    if g.rank < 0:
+        raise ValueError(f"rank {world.rank} is not a member of {g.name} (ranks {list(g.ranks)})")
+    return g
+
+
+# Dynamo cannot trace the registry (context variables, dicts of groups); the answer is a
+# constant for a given group argument, so it is computed once while tracing.
+_traced_group_key = torch.compiler.assume_constant_result(_group_key)  # type: ignore[no-untyped-call]
