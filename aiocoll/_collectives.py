@@ -160,6 +160,8 @@ async def all_gather(x: Any, group: Any = None, *, dim: int = 0, timeout: float 
     flat_in, flat_out = _flat(src), _flat(gathered)
     if g.size == 1:
         flat_out[...] = flat_in
+    elif (fast := fastpath_for(g, "all_gather", flat_in.nbytes)) is not None:
+        await fast.all_gather(g, seq, p.code, flat_in, flat_out, t)
     else:
         if algorithms.choose("all_gather", flat_in.nbytes, g.size) == "direct":
             sched = direct.direct_all_gather(g.rank, g.size, flat_in, flat_out)
@@ -199,6 +201,8 @@ async def reduce_scatter(
     flat_in, flat_out = _flat(src), _flat(chunk)
     if g.size == 1:
         flat_out[...] = flat_in
+    elif (fast := fastpath_for(g, "reduce_scatter", flat_in.nbytes)) is not None:
+        await fast.reduce_scatter(g, seq, rop, p.code, flat_in, flat_out, t)
     else:
         reduce = _reducer(rop, p)
         if algorithms.choose("reduce_scatter", flat_in.nbytes, g.size) == "direct":
@@ -295,7 +299,9 @@ async def broadcast(x: Any, src: int, group: Any = None, *, timeout: float | Non
     result = p.array.copy() if g.rank == root else p.empty(p.array.shape)
     buf = _flat(result)
     seq = g.next_seq()
-    if g.size > 1:
+    if g.size > 1 and (fast := fastpath_for(g, "broadcast", buf.nbytes)) is not None:
+        await fast.broadcast(g, seq, root, p.code, buf, t)
+    elif g.size > 1:
         if algorithms.choose("broadcast", buf.nbytes, g.size) == "tree":
             sched = tree.binomial_broadcast(g.rank, g.size, root, buf)
         else:

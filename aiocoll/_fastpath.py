@@ -1,17 +1,150 @@
 """Same-host fast paths: collectives computed in shared memory instead of by message passing.
 
-``fastpath_for(group, collective, nbytes)`` returns an engine when every member of ``group``
-is on this host and a shared-memory engine beats message passing for that size, else None.
-(Placeholder: issue 3 provides the engine.)
+``fastpath_for(group, collective, nbytes)`` returns the group's shared-memory engine
+(``aiocoll._shm_engine``) or None, and the collective then runs its ordinary algorithm. The
+engine is used when all of these hold:
+
+- the group has at least two members and this process reaches every other member through the
+  ``shm`` transport (so all are on this host: ``transport="auto"`` or ``"shm"``; with
+  ``transport="tcp"`` nothing changes);
+- the fast path is on: ``AIOCOLL_SHM_FASTPATH`` is unset, ``1``/``on``/``auto`` (``0``/``off``
+  turns it off), or ``configure(enabled=...)`` said so;
+- ``nbytes`` (the per-member input) is at least the collective's minimum:
+  ``AIOCOLL_SHM_FASTPATH_MIN_ALL_REDUCE`` (and ``_ALL_GATHER``, ``_REDUCE_SCATTER``,
+  ``_BROADCAST``) or ``configure(min_bytes=...)``. The default is 0: the engine beat message
+  passing over shm at every size measured (BENCHMARKS.md), because it needs no frames, no
+  matching and no extra copies.
+
+The choice must come out the same on every member, since the two paths do not talk to each
+other: it depends only on the group, the size and these settings, so set them alike on every
+rank (``aiocoll run`` passes the environment to all ranks). A member that chose differently is
+reported as a mismatch or a timeout, never as a wrong result.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from ._group import ProcessGroup
 
+if TYPE_CHECKING:
+    from ._shm_engine import ShmEngine
 
-def fastpath_for(group: ProcessGroup, collective: str, nbytes: int) -> Any:
-    """The engine to run ``collective`` of ``nbytes`` per rank on ``group``, or None."""
+#: Collectives the engine runs.
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+
+_enabled: bool | None = None  # None: from the environment
+_min_bytes: dict[str, int] = {}
+_engines: weakref.WeakKeyDictionary[Any, dict[int, ShmEngine]] = weakref.WeakKeyDictionary()
+# Per group: its engine, or None when the group cannot use one. Links never change after init,
+# so this is decided once; it is the price of a dictionary lookup per collective afterwards.
+_decided: weakref.WeakKeyDictionary[ProcessGroup, ShmEngine | None] = weakref.WeakKeyDictionary()
+_settings: tuple[bool, dict[str, int]] | None = None  # (enabled, minimum bytes) as last read
+
+
+def configure(*, enabled: bool | None = None, min_bytes: Mapping[str, int] | None = None) -> None:
+    """Override the environment for this process: ``enabled`` (None: back to the environment)
+    and the per-collective minimum sizes in ``min_bytes`` (a negative value removes one).
+
+    Raises:
+        ValueError: an unknown collective in ``min_bytes``.
+    """
+    global _enabled, _settings
+    _enabled = enabled
+    _settings = None
+    for name, value in (min_bytes or {}).items():
+        if name not in COLLECTIVES:
+            raise ValueError(f"no fast path for {name!r}; fast paths exist for {', '.join(COLLECTIVES)}")
+        if value < 0:
+            _min_bytes.pop(name, None)
+        else:
+            _min_bytes[name] = int(value)
+
+
+def _is_enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    raw = os.environ.get("AIOCOLL_SHM_FASTPATH", "auto").strip().lower()
+    if raw in ("", "1", "on", "auto", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"AIOCOLL_SHM_FASTPATH={raw!r}: use on or off")
+
+
+def _minimum(collective: str) -> int:
+    if collective in _min_bytes:
+        return _min_bytes[collective]
+    raw = os.environ.get(f"AIOCOLL_SHM_FASTPATH_MIN_{collective.upper()}", "")
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        raise ValueError(f"AIOCOLL_SHM_FASTPATH_MIN_{collective.upper()}={raw!r} is not an integer") from None
+
+
+def _read_settings() -> tuple[bool, dict[str, int]]:
+    global _settings
+    if _settings is None:
+        _settings = (_is_enabled(), {name: _minimum(name) for name in COLLECTIVES})
+    return _settings
+
+
+def reload_settings() -> None:
+    """Read the AIOCOLL_SHM_FASTPATH* environment variables again (they are read once)."""
+    global _settings
+    _settings = None
+
+
+def _shm_transport(group: ProcessGroup) -> Any:
+    for t in group.world.comm.transports:
+        if getattr(t, "name", None) == "shm" and hasattr(t, "closers"):
+            return t
     return None
+
+
+def fastpath_for(group: ProcessGroup, collective: str, nbytes: int) -> ShmEngine | None:
+    """The engine to run ``collective`` of ``nbytes`` per member on ``group``, or None.
+
+    Raises:
+        ValueError: a malformed AIOCOLL_SHM_FASTPATH* variable.
+    """
+    if group.size < 2:
+        return None
+    enabled, minimum = _read_settings()
+    if not enabled or nbytes < minimum.get(collective, 1 << 62):
+        return None
+    if group in _decided:
+        engine = _decided[group]
+        if engine is None or not engine.closed:
+            return engine
+    engine = _decided[group] = _engine(group)
+    return engine
+
+
+def _engine(group: ProcessGroup) -> ShmEngine | None:
+    world = group.world
+    names = world.transport_names
+    if any(names.get(p) != "shm" for p in group.ranks if p != world.rank):
+        return None
+    transport = _shm_transport(group)
+    if transport is None:
+        return None
+    engines = _engines.setdefault(transport, {})
+    engine = engines.get(group.gid)
+    if engine is None or engine.closed:
+        from ._shm_engine import ShmEngine
+
+        def forget(e: ShmEngine) -> None:
+            if engines.get(e.gid) is e:
+                del engines[e.gid]
+
+        engine = ShmEngine(group, on_close=forget)
+        engines[group.gid] = engine
+        transport.closers.append(engine.close)
+    return engine
+
+
+__all__ = ["COLLECTIVES", "configure", "fastpath_for", "reload_settings"]
