@@ -81,3 +81,39 @@ def assert_tensor_close(got: Any, want: np.ndarray, dtype: torch.dtype, world_si
         np.testing.assert_allclose(g, want, rtol=eps * 4 * world_size, atol=eps * 40 * world_size)
     else:
         np.testing.assert_array_equal(g, want)
+
+
+async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run the blocking ``fn`` on a new thread, in a copy of this context (the rank's world), while
+    the event loop goes on serving the collectives."""
+    import asyncio
+    import contextvars
+    import threading
+
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            result = ctx.run(fn, *args, **kwargs)
+        except BaseException as exc:  # handed back to the awaiting task
+            loop.call_soon_threadsafe(fut.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(fut.set_result, result)
+
+    threading.Thread(target=target, daemon=True).start()
+    return await fut
+
+
+async def blocking_ranks(fn: Any, world_size: int) -> list[Any]:
+    """``fn(rank)`` (blocking code: autograd, aiocoll.sync) for every rank of an in-process world,
+    each rank on its own thread, its collectives served by the test's event loop."""
+    import aiocoll.sync
+    from aiocoll.testing import run_ranks
+
+    async def body(rank: int) -> Any:
+        aiocoll.sync.bind()
+        return await in_thread(fn, rank)
+
+    return await run_ranks(body, world_size)
