@@ -330,7 +330,7 @@ class ShmEngine:
         if w is not None and seg is not None:
             missing = [self.members[p] for p in w.members if seg.counter(p, w.which) < w.target]
         elif self._unheard:
-            missing = [rank for rank, fut in self._unheard if not fut.done()]
+            missing = [rank for rank, fut in self._unheard if not fut.done() or fut.cancelled()]
         who = f"; ranks {missing} had not arrived" if missing else ""
         return CollectiveTimeoutError(
             f"{name} did not complete within {timeout} s{who}", group=active.group, seq=active.seq, op=name, ranks=missing
