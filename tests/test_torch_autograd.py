@@ -262,3 +262,20 @@ async def test_results_that_do_not_require_grad_are_not_in_a_graph():
 
     for has_grad, plain_requires in await blocking_ranks(rank_fn, 2):
         assert has_grad and not plain_requires
+
+
+async def test_backward_on_another_thread_finds_the_forwards_world():
+    """Autograd runs CUDA backward on its own threads, which lack the forward's context (where each
+    in-process rank keeps its world): the backward must still reach the right world."""
+    import threading
+
+    def rank_fn(rank: int) -> torch.Tensor:
+        x = torch.full((2,), float(rank + 1), dtype=torch.float64, requires_grad=True)
+        loss = (ft.all_gather_tensor(x, 0, None) * torch.arange(4.0, dtype=torch.float64)).sum()
+        t = threading.Thread(target=loss.backward)  # a plain thread: a fresh, empty context
+        t.start()
+        t.join()
+        return x.grad
+
+    grads = await blocking_ranks(rank_fn, 2)
+    assert grads[0].tolist() == [0.0, 2.0] and grads[1].tolist() == [4.0, 6.0]

@@ -9,7 +9,9 @@ group's registry name, or, where no world exists yet (shapes on meta/fake tensor
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from aiocoll._errors import NotInitializedError
 from aiocoll._group import ProcessGroup
 from aiocoll._group_forms import parse_rank_lists, resolve_expanded, resolve_group
 from aiocoll._mesh import DeviceMesh
-from aiocoll._world import World, current_world
+from aiocoll._world import World, _current, current_world
 
 _EXPANDED = "ranks:"
 
@@ -28,6 +30,28 @@ def _world() -> World | None:
         return current_world()
     except NotInitializedError:
         return None
+
+
+def world_or_none() -> World | None:
+    """The calling context's world, or None."""
+    return _world()
+
+
+@contextlib.contextmanager
+def using_world(world: World | None) -> Iterator[None]:
+    """Make ``world`` the current one for the duration, where the context lacks it.
+
+    Autograd runs the backward of CUDA tensors on its own device threads, which do not inherit
+    the forward's context (where a rank of an in-process world keeps its world).
+    """
+    if world is None or world.closed or _world() is world:
+        yield
+        return
+    token = _current.set(world)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def group_key(group: Any, tag: str = "") -> tuple[str, int]:
