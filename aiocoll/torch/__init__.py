@@ -27,6 +27,7 @@ from . import _ops_registry  # noqa: F401  (defines torch.ops.aiocoll.*)
 from ._async_tensor import AsyncCollectiveTensor
 from ._funcol import (
     RANK_TYPES,
+    _expand_group,
     all_gather_into_tensor_coalesced,
     all_gather_single,
     all_gather_single_autograd,

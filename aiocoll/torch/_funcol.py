@@ -55,6 +55,18 @@ def _op_name(reduce_op: Any) -> str:
     return parse_op(reduce_op).name.lower()
 
 
+def _expand_group(group: RANK_TYPES, tag: str = "") -> tuple[str, list[int], int]:
+    """``(tag, rankset, group_size)`` by torch's ``_expand_group`` rules (``aiocoll.expand_group``),
+    for code that calls the private torch helper.
+
+    Raises:
+        ValueError / TypeError: as ``aiocoll.expand_group``.
+    """
+    from aiocoll import expand_group
+
+    return expand_group(group, tag)
+
+
 def wait_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """Wait for the collective that produces ``tensor``; returns the filled tensor.
 
