@@ -14,6 +14,10 @@ scatters, all-to-all, broadcast, permute), work on CPU and CUDA tensors, give ou
 on meta and fake tensors without a group, and are the ops ``torch.ops.aiocoll.*`` so that
 ``make_fx`` and ``torch.compile`` trace them, each followed by ``aiocoll::wait_tensor``.
 
+Importing this module also registers the torch.distributed backend ``"aiocoll"``:
+``torch.distributed.init_process_group("aiocoll")`` runs torch.distributed code (DDP included)
+over aiocoll's transports.
+
 From a thread without a running event loop (a training loop), the collectives run on the
 event loop that serves the world (``aiocoll.sync``'s background loop after
 ``aiocoll.sync.init()``). From async code on the world's own loop, they run as tasks of that
@@ -22,6 +26,8 @@ would stall the loop.
 """
 
 from __future__ import annotations
+
+import torch
 
 from . import _ops_registry  # noqa: F401  (defines torch.ops.aiocoll.*)
 from ._async_tensor import AsyncCollectiveTensor
@@ -50,6 +56,11 @@ from ._funcol import (
     wait_async,
     wait_tensor,
 )
+
+if torch.distributed.is_available():
+    from ._backend import register as _register_backend
+
+    _register_backend()  # torch.distributed.init_process_group("aiocoll", ...)
 
 __all__ = [
     # collectives (torch.distributed._functional_collectives names)

@@ -70,6 +70,7 @@ def _group_key(group: Any, tag: str = "") -> tuple[str, int]:
         ValueError / TypeError: a bad form, bad ranks or tag (the message lists the forms).
         NotInitializedError: a form other than a rank list before ``aiocoll.init``.
     """
+    group = getattr(group, "aiocoll_group", group)  # a torch.distributed group of the "aiocoll" backend
     world = _world()
     if world is None:
         if isinstance(group, (list, tuple, range)) and not (group and isinstance(group[0], DeviceMesh)):
