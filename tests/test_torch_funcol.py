@@ -424,3 +424,34 @@ async def test_lazy_result_as_input_to_the_core_and_to_another_collective():
     for z, c in await run_ranks(body_awaiting, 2):
         assert torch.equal(z, torch.full((3,), 4.0)) and torch.equal(c, torch.full((3,), 4.0))
         assert type(c) is torch.Tensor
+
+
+# --------------------------------------------------------------------------- the surface
+FUNCOL_NAMES = [
+    "all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast",
+    "permute_tensor", "all_reduce_coalesced", "all_gather_into_tensor_coalesced",
+    "reduce_scatter_tensor_coalesced", "all_gather_tensor_autograd", "reduce_scatter_tensor_autograd",
+    "all_to_all_single_autograd", "wait_tensor",
+]
+
+
+@pytest.mark.parametrize("name", FUNCOL_NAMES)
+def test_signatures_match_torch_functional_collectives(name):
+    """Code written for torch.distributed._functional_collectives runs by changing the import."""
+    import inspect
+
+    import torch.distributed._functional_collectives as torch_funcol
+
+    ours = inspect.signature(getattr(ft, name)).parameters
+    theirs = inspect.signature(getattr(torch_funcol, name)).parameters
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.values()
+    ]
+    assert getattr(ft, name).__doc__
+
+
+def test_all_lists_the_public_names():
+    import types
+
+    public = {n for n, o in vars(ft).items() if not n.startswith("_") and not isinstance(o, types.ModuleType)}
+    assert set(ft.__all__) == public - {"annotations"}
