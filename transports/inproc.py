@@ -43,6 +43,7 @@ class InprocConnection:
                 dst[:] = src
         except Exception as exc:
             # A sink that rejects a frame drops the link, as a real transport would.
+            self._closed = True
             self._target._lose(self._owner.rank, exc)
             raise TransportError(f"rank {self.peer} rejected a frame: {exc}") from exc
         sink.frame_received(self._owner.rank, key, dst)
@@ -83,6 +84,8 @@ class InprocTransport:
     async def connect(self, peer: int, address: str) -> InprocConnection:
         deadline = time.monotonic() + self._timeout
         while True:
+            if self._closed:
+                raise TransportError(f"inproc rank {self.rank} is closed")
             target = _listeners.get(address)
             if target is not None and not target._closed:
                 break
