@@ -12,7 +12,20 @@ Failure handling lives here because this is where it is seen first:
 - a frame's header disagrees   -> MismatchError on this rank, and an ABORT frame to every other
   with the posted receive         member so that they raise it too;
 - an ABORT frame arrives       -> the collective it names fails with the sender's error, and the
-                                  group is marked broken.
+                                  group is marked broken;
+- a peer crashes               -> this rank tells every other peer (a LOST control frame), so that
+                                  a survivor that leaves right after is not taken for the culprit;
+- a collective nears its       -> this rank tells the other members it is still waiting (WAITING),
+  timeout                         so that when the timeout strikes, every member can name the ranks
+                                  it did not hear from, not merely the neighbour it waits on (in a
+                                  ring, that neighbour is usually waiting too).
+
+Who is named when several peers go at once: losses seen in one turn of the event loop are
+handled together, after every frame already readable has been delivered. A peer that told us
+"rank X is lost" and then went away itself is a survivor leaving, not a cause: collectives of
+groups holding X name X. This matters because one process often sees the survivors' exits and
+the victim's death at the same moment (a loaded host, or survivors that exit at once on error),
+and the order in which the event loop reports sockets is arbitrary.
 """
 
 from __future__ import annotations
@@ -32,6 +45,9 @@ from ._errors import (
     PeerFailureError,
     RemoteAbortError,
 )
+from ._dtypes import WireDtype
+from ._errors import TransportError
+from ._ops import ReduceOp
 from ._wire import FLAG_CONTROL, FrameKey, Kind, kind_name
 from .transports import Connection, Transport
 
@@ -40,6 +56,8 @@ log = logging.getLogger("aiocoll")
 #: Bytes of frames this rank buffers for receives not yet posted before it drops the sender.
 DEFAULT_MAX_UNEXPECTED = 8 << 30
 _MAX_CONTROL = 1 << 16
+_MAX_OP_NAME = 64
+_MAX_HEARD_GROUPS = 4096
 
 _ERRORS: dict[str, type[CollectiveError]] = {
     "timeout": CollectiveTimeoutError,
@@ -48,6 +66,30 @@ _ERRORS: dict[str, type[CollectiveError]] = {
     "abort": RemoteAbortError,
     "broken": GroupBrokenError,
 }
+
+
+def _op_name(code: int) -> str:
+    try:
+        return ReduceOp(code).name.lower()
+    except ValueError:
+        return f"op {code}"
+
+
+def _dtype_name(code: int) -> str:
+    try:
+        return WireDtype(code).name.lower()
+    except ValueError:
+        return f"dtype code {code}"
+
+
+def _record(exc: CollectiveError) -> CollectiveError:
+    """A copy of ``exc`` without traceback, to keep as the reason a group is broken.
+
+    The raised error's traceback holds the failed collective's frames, and with them the
+    caller's arrays and views of shared-memory segments, which could then never be unmapped
+    while the group object lives.
+    """
+    return type(exc)(exc.detail, group=exc.group, seq=exc.seq, op=exc.op, ranks=exc.ranks)
 
 
 def _error_code(exc: CollectiveError) -> str:
@@ -91,28 +133,30 @@ class Posted:
     buffer: memoryview
     future: asyncio.Future[None]
     op: ActiveOp | None
+    me: int = -1
     mismatch: CollectiveError | None = None
 
     def check(self, key: FrameKey, nbytes: int) -> CollectiveError | None:
         e = self.expect
+        them, me = f"rank {self.peer}", f"rank {self.me}"
         problems = []
         if key.kind != e.kind:
-            problems.append(f"rank {self.peer} called {kind_name(key.kind)}, this rank {kind_name(e.kind)}")
+            problems.append(f"{them} called {kind_name(key.kind)}, {me} called {kind_name(e.kind)}")
         else:
             if key.op != e.op:
-                problems.append(f"reduce op {key.op} on rank {self.peer} vs {e.op} here")
+                problems.append(f"reduce op {_op_name(key.op)} on {them} vs {_op_name(e.op)} on {me}")
             if key.dtype != e.dtype:
-                problems.append(f"dtype code {key.dtype} on rank {self.peer} vs {e.dtype} here")
+                problems.append(f"dtype {_dtype_name(key.dtype)} on {them} vs {_dtype_name(e.dtype)} on {me}")
             if self.check_count and key.count != e.count:
-                problems.append(f"{key.count} elements on rank {self.peer} vs {e.count} here")
+                problems.append(f"{key.count} elements on {them} vs {e.count} on {me}")
             if not problems and nbytes != self.buffer.nbytes:
-                problems.append(f"rank {self.peer} sent {nbytes} bytes, {self.buffer.nbytes} expected")
+                problems.append(f"{them} sent {nbytes} bytes, {me} expected {self.buffer.nbytes}")
         if not problems:
             return None
         message = "collective mismatch: " + "; ".join(problems)
         if self.op is None:
-            return MismatchError(message, ranks=(self.peer,))
-        return self.op.error(MismatchError, message, (self.peer,))
+            return MismatchError(message, ranks=(self.peer, self.me))
+        return self.op.error(MismatchError, message, (self.peer, self.me))
 
 
 class Communicator:
@@ -130,6 +174,11 @@ class Communicator:
         self._max_unexpected = max_unexpected
         self._active: set[ActiveOp] = set()
         self._dead: dict[int, str] = {}
+        # rank -> (the rank it told us is lost, why); see the module docstring
+        self._told: dict[int, tuple[int, str]] = {}
+        self._pending_losses: dict[int, BaseException | None] = {}
+        # gid -> rank -> loop time of its last WAITING notice for a collective of that group
+        self._heard: dict[int, dict[int, float]] = {}
         self._broken: dict[int, CollectiveError] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -194,20 +243,91 @@ class Communicator:
         self._unexpected_bytes += buffer.nbytes
 
     def peer_lost(self, peer: int, exc: BaseException | None) -> None:
-        if self._closing or peer in self._dead:
+        if self._closing or peer in self._dead or peer in self._pending_losses:
             return
         reason = "closed its connection" if exc is None else f"was lost ({exc})"
         self._dead[peer] = reason
         for slot_key in [k for k in self._landing if k[0] == peer]:
             del self._landing[slot_key]  # frames cut off mid-payload never complete
         log.log(logging.DEBUG if exc is None else logging.WARNING, "rank %d: rank %d %s", self.rank, peer, reason)
+        if exc is not None:
+            self._tell_others(peer, reason)
+        # Failing the collectives waits one turn of the loop: frames already readable on other
+        # connections (a LOST notice from a survivor that is now leaving) are delivered first.
+        if not self._pending_losses:
+            asyncio.get_running_loop().call_soon(self._fail_lost)
+        self._pending_losses[peer] = exc
+
+    def _fail_lost(self) -> None:
+        batch, self._pending_losses = self._pending_losses, {}
+        if self._closing:
+            return
         for op in list(self._active):
-            # A graceful close comes after every frame the peer sent, so only collectives
-            # still waiting to hear from it are hurt; a crash hurts every group it was in.
-            hurt = any(p.peer == peer for p in op.posted) if exc is None else peer in op.members
-            if hurt:
-                err = op.error(PeerFailureError, f"rank {peer} {reason}", (peer,))
-                self._broken.setdefault(op.gid, err)
+            hurt = []
+            for peer, exc in batch.items():
+                # A graceful close comes after every frame the peer sent, so only collectives
+                # still waiting to hear from it are hurt; a crash hurts every group it was in.
+                if (any(p.peer == peer for p in op.posted) if exc is None else peer in op.members):
+                    hurt.append(peer)
+            if not hurt:
+                continue
+            culprits = sorted({self._culprit(p, op.members) for p in hurt})
+            first = culprits[0]
+            err = op.error(PeerFailureError, f"rank {first} {self._dead.get(first, 'was lost')}", culprits)
+            self._broken.setdefault(op.gid, _record(err))
+            op.fail(err)
+
+    def _culprit(self, peer: int, members: frozenset[int]) -> int:
+        """``peer``, or the rank ``peer`` told us was lost before it went away itself."""
+        told = self._told.get(peer)
+        if told is not None and told[0] in members and told[0] != self.rank:
+            return told[0]
+        return peer
+
+    def _tell_others(self, lost: int, reason: str) -> None:
+        body = json.dumps({"lost": lost, "reason": reason[:1000]}).encode()
+        key = FrameKey(0, 0, 0, Kind.LOST, 0, 0, FLAG_CONTROL, 0)
+        for peer in list(self._conns):
+            if peer != lost and peer not in self._dead:
+                self.spawn(self._send_quietly(peer, key, memoryview(body)))
+
+    def announce_waiting(self, op: ActiveOp) -> None:
+        """Tell the other members that this rank is still inside ``op`` (its timeout is near)."""
+        if op not in self._active or op.failure.done():
+            return
+        key = FrameKey(op.gid, op.seq, 0, Kind.WAITING, 0, 0, FLAG_CONTROL, 0)
+        body = op.op.encode()[:_MAX_OP_NAME]
+        for peer in op.members:
+            if peer != self.rank and peer not in self._dead and peer in self._conns:
+                self.spawn(self._send_quietly(peer, key, memoryview(body)))
+
+    def silent_members(self, op: ActiveOp, within: float) -> set[int]:
+        """Members of ``op`` that have not said, in the last ``within`` seconds, that they are
+        stuck in a collective of its group (this one, or an earlier or later step: in a ring,
+        members are often one step apart when one of them stops)."""
+        heard = self._heard.get(op.gid, {})
+        since = asyncio.get_running_loop().time() - within
+        return {p for p in op.members if p != self.rank and heard.get(p, -1.0) < since}
+
+    def _on_lost_notice(self, reporter: int, body: bytes) -> None:
+        try:
+            info = json.loads(body)
+            lost, reason = int(info["lost"]), str(info["reason"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("rank %d: malformed LOST notice from rank %d: %s", self.rank, reporter, exc)
+            return
+        if not 0 <= lost < self.world_size or lost in (reporter, self.rank):
+            log.warning("rank %d: LOST notice from rank %d names rank %d; ignored", self.rank, reporter, lost)
+            return
+        self._told.setdefault(reporter, (lost, reason))
+        if lost in self._dead:
+            return
+        # Only collectives needing both can no longer finish: the two may merely be cut off from
+        # each other, and groups without the reporter are left to find out for themselves.
+        for op in list(self._active):
+            if lost in op.members and reporter in op.members:
+                err = op.error(PeerFailureError, f"rank {lost} {reason} (reported by rank {reporter})", (lost,))
+                self._broken.setdefault(op.gid, _record(err))
                 op.fail(err)
 
     # ----------------------------------------------------------------- receives and sends
@@ -223,7 +343,7 @@ class Communicator:
         """Post a receive of the frame ``expect`` names from ``peer`` into ``buffer``."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        posted = Posted(peer, expect.slot, expect, check_count, buffer, fut, op)
+        posted = Posted(peer, expect.slot, expect, check_count, buffer, fut, op, self.rank)
         got = self._unexpected.pop((peer, expect.slot), None)
         if got is not None:
             k, data = got
@@ -238,8 +358,9 @@ class Communicator:
                 fut.set_result(None)
             return fut
         if peer in self._dead:
+            who = self._culprit(peer, op.members) if op is not None else peer
             err = (
-                op.error(PeerFailureError, f"rank {peer} {self._dead[peer]}", (peer,))
+                op.error(PeerFailureError, f"rank {who} {self._dead.get(who, 'was lost')}", (who,))
                 if op is not None
                 else PeerFailureError(f"rank {peer} {self._dead[peer]}", ranks=(peer,))
             )
@@ -268,7 +389,12 @@ class Communicator:
         conn = self._conns.get(peer)
         if conn is None:
             raise PeerFailureError(f"no connection to rank {peer}", ranks=(peer,))
-        await conn.send(key.pack(), payload)
+        try:
+            await conn.send(key.pack(), payload)
+        except TransportError as exc:
+            # The receiving side usually reports this first (peer_lost); if not, the error
+            # still names the peer and is a CollectiveError, as every collective failure is.
+            raise PeerFailureError(f"sending to rank {peer} failed: {exc}", ranks=(peer,)) from exc
 
     # ----------------------------------------------------------------- collectives in flight
     def begin(self, group: str, gid: int, seq: int, op: str, members: frozenset[int]) -> ActiveOp:
@@ -276,10 +402,14 @@ class Communicator:
         active = ActiveOp(group, gid, seq, op, members, asyncio.get_running_loop().create_future())
         if gid in self._broken:
             cause = self._broken[gid]
-            raise active.error(GroupBrokenError, f"group is broken: {cause}", cause.ranks)
-        dead = [p for p in members if p in self._dead]
+            since = f" by {cause.op or 'a collective'} at step {cause.seq}" if cause.seq >= 0 else ""
+            raise active.error(GroupBrokenError, f"group was broken{since}: {cause.detail}", cause.ranks)
+        dead = sorted({self._culprit(p, members) for p in members if p in self._dead})
         if dead:
-            raise active.error(PeerFailureError, f"rank {dead[0]} {self._dead[dead[0]]}", dead)
+            raise active.error(PeerFailureError, f"rank {dead[0]} {self._dead.get(dead[0], 'was lost')}", dead)
+        for reporter, (lost, reason) in self._told.items():
+            if reporter in members and lost in members:
+                raise active.error(PeerFailureError, f"rank {lost} {reason} (reported by rank {reporter})", (lost,))
         self._active.add(active)
         return active
 
@@ -302,7 +432,7 @@ class Communicator:
         else:
             err = op.error(RemoteAbortError, f"rank {self.rank} failed: {exc!r}", (self.rank,))
         already = op.gid in self._broken
-        self._broken.setdefault(op.gid, err)
+        self._broken.setdefault(op.gid, _record(err))
         self._drop_unexpected(op.gid)
         if not already:  # the failure started here: tell the others (remote ones are known)
             self._broadcast_abort(op, err)
@@ -333,6 +463,29 @@ class Communicator:
             log.debug("rank %d: abort to rank %d not delivered: %s", self.rank, peer, exc)
 
     def _on_control(self, peer: int, key: FrameKey, body: bytes) -> None:
+        if key.kind == Kind.LOST:
+            self._on_lost_notice(peer, body)
+            return
+        if key.kind == Kind.WAITING:
+            theirs = body.decode("utf-8", "replace")
+            heard = self._heard.get(key.gid)
+            if heard is None:
+                if len(self._heard) >= _MAX_HEARD_GROUPS:
+                    self._heard.pop(next(iter(self._heard)))
+                heard = self._heard[key.gid] = {}
+            heard[peer] = asyncio.get_running_loop().time()
+            for op in list(self._active):
+                if op.gid == key.gid and op.seq == key.seq and peer in op.members:
+                    if theirs != op.op:
+                        # Two members on different paths (the shared-memory fast path and
+                        # frames, say) exchange no frame that could show it; this is the first
+                        # word they have from each other about this step.
+                        op.fail(op.error(
+                            MismatchError,
+                            f"collective mismatch: rank {peer} called {theirs}, rank {self.rank} called {op.op}",
+                            (peer, self.rank),
+                        ))
+            return
         if key.kind != Kind.ABORT:
             log.warning("rank %d: unknown control frame kind %d from rank %d", self.rank, key.kind, peer)
             return
@@ -348,7 +501,7 @@ class Communicator:
         for op in list(self._active):
             if op.gid == key.gid:
                 err = op.error(cls, message, ranks)
-                self._broken.setdefault(op.gid, err)
+                self._broken.setdefault(op.gid, _record(err))
                 op.fail(err)
                 hit = True
         if not hit:
@@ -362,6 +515,11 @@ class Communicator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def aflush(self, timeout: float) -> None:
+        """Give frames sent in the background (aborts, notices) up to ``timeout`` s to go out."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
 
     async def aclose(self) -> None:
         self._closing = True

@@ -16,6 +16,7 @@ background (tracked by the communicator), keeping every connection's framing int
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from ._comm import ActiveOp, Communicator
@@ -54,18 +55,47 @@ async def _wait(comm: Communicator, active: ActiveOp, waiters: list[asyncio.Futu
             raise exc
     if not both.done():  # pragma: no cover - wait() returned, so one of the two is done
         raise RuntimeError("driver woke with nothing done")
-    both.result()
+    try:
+        both.result()
+    except CollectiveError as exc:
+        if exc.seq >= 0:
+            raise
+        # A send failed before the collective itself was failed (the communicator's errors for
+        # a single frame know no group or step): say which collective it hit.
+        raise active.error(type(exc), exc.detail, exc.ranks) from exc
 
 
-def _timeout_error(group: ProcessGroup, active: ActiveOp, name: str, timeout: float | None) -> CollectiveTimeoutError:
-    waiting = sorted({p.peer for p in active.posted})
-    who = f"; still waiting for ranks {waiting}" if waiting else ""
+#: A collective tells the other members it is still waiting this long before its timeout
+#: (at most; a quarter of the timeout when that is shorter). Members that have not said so by
+#: the timeout are the ones named: see Communicator.announce_waiting.
+WAITING_LEAD_S = 1.0
+
+
+def _announce_later(comm: Communicator, active: ActiveOp, timeout: float | None) -> asyncio.TimerHandle | None:
+    if timeout is None or len(active.members) < 3:
+        return None  # with two members, the one we wait for is the one to name
+    lead = min(WAITING_LEAD_S, timeout / 4)
+    return asyncio.get_running_loop().call_later(timeout - lead, comm.announce_waiting, active)
+
+
+def _timeout_error(
+    group: ProcessGroup, active: ActiveOp, name: str, timeout: float | None, sending: Iterable[int] = ()
+) -> CollectiveTimeoutError:
+    comm = group.world.comm
+    waiting = {p.peer for p in active.posted} | set(sending)
+    silent = comm.silent_members(active, timeout or 0.0)
+    # Name the ranks we wait for that did not say they were waiting themselves; if every one
+    # we wait for did (a ring: our neighbour waits for its own), the ranks nobody heard from.
+    blame = (waiting & silent) or silent or waiting
+    who = f"; still waiting for ranks {sorted(waiting)}" if waiting else ""
+    if blame != waiting:
+        who += f"; not heard from ranks {sorted(blame)}"
     return CollectiveTimeoutError(
         f"{name} did not complete within {timeout} s{who}",
         group=group.name,
         seq=active.seq,
         op=name,
-        ranks=waiting,
+        ranks=blame,
     )
 
 
@@ -99,6 +129,8 @@ async def run_schedule(
     received = [0] * group.size
     loop = asyncio.get_running_loop()
     stepping: asyncio.Future[Any] | None = None
+    sends: list[tuple[int, asyncio.Future[Any]]] = []
+    announce = _announce_later(comm, active, timeout)
     try:
         try:
             async with asyncio.timeout(timeout):
@@ -122,21 +154,29 @@ async def run_schedule(
                             waiters.append(
                                 comm.post_recv(ranks[item.peer], key, _bytes(item.into), active, check_count=check_count)
                             )
+                    sends.clear()
                     for item in batch:
                         if isinstance(item, Send):
                             key = FrameKey(group.gid, seq, sent[item.peer], kind, op, dtype, 0, count)
                             sent[item.peer] += 1
-                            waiters.append(comm.spawn(comm.send(ranks[item.peer], key, _bytes(item.data))))
+                            fut = comm.spawn(comm.send(ranks[item.peer], key, _bytes(item.data)))
+                            sends.append((ranks[item.peer], fut))
+                            waiters.append(fut)
                     await _wait(comm, active, waiters)
         except TimeoutError:
-            raise _timeout_error(group, active, name, timeout) from None
+            stuck = {peer for peer, fut in sends if not fut.done()}
+            raise _timeout_error(group, active, name, timeout, stuck) from None
     except BaseException as exc:
+        if announce is not None:
+            announce.cancel()
         if stepping is None or stepping.done():
             schedule.close()
         else:  # the worker thread is still inside the generator: close it when it returns
             stepping.add_done_callback(lambda _: schedule.close())
         comm.end(active, exc)
         raise
+    if announce is not None:
+        announce.cancel()
     comm.end(active)
 
 
@@ -176,7 +216,7 @@ async def run_p2p(
                     fut = comm.spawn(comm.send(other, key, _bytes(payload)))
                 await _wait(comm, active, [fut])
         except TimeoutError:
-            raise _timeout_error(group, active, name, timeout) from None
+            raise _timeout_error(group, active, name, timeout, {other}) from None
     except BaseException as exc:
         comm.end(active, exc)
         raise

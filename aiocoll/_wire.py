@@ -37,6 +37,8 @@ class Kind(IntEnum):
     SEND = 10
     PERMUTE = 11
     ABORT = 250
+    LOST = 251  # control: "rank N is lost", sent by a rank that saw it crash
+    WAITING = 252  # control: "I am still in collective (gid, seq)", sent shortly before a timeout
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class World:
             ProcessGroup(self, range(world_size), tag="", name="world", gid=group_id(range(world_size), "world", 0))
         )
         self.closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
 
 def current_world() -> World:
@@ -232,6 +233,7 @@ class _Init:
         if _current.get() is not None and not _current.get().closed:  # type: ignore[union-attr]
             raise RuntimeError("aiocoll.init() was already called in this context; destroy() first")
         w = await _start(**self._kwargs)
+        w.loop = asyncio.get_running_loop()  # the loop that owns the world (sync API, threads)
         self._world = w
         _current.set(w)
         if not in_harness.get():
@@ -318,6 +320,9 @@ async def destroy(*, abort: bool = False) -> None:
     finally:
         w.closed = True
         if abort:
+            # Aborts and notices about the failure that brought us here are still being sent
+            # in the background; without them the others would blame this rank for leaving.
+            await w.comm.aflush(min(w.timeout, 1.0))
             w.comm.abort()
         else:
             await w.comm.aclose()

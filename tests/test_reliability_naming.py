@@ -1,0 +1,136 @@
+"""Who gets named when things go wrong: the culprit, not a bystander (ranks as tasks, inproc).
+
+- in a ring every member waits for its neighbour, so at a timeout "the rank I wait for" is
+  usually another victim of the same stall: members tell each other they are waiting shortly
+  before the timeout, and name those not heard from;
+- a survivor that leaves right after seeing a crash is not the culprit: it tells the others
+  which rank it lost before it goes;
+- a mismatch names both sides, even when the two sides exchange no frame at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+import aiocoll
+from aiocoll import algorithms
+from aiocoll._world import current_world
+from aiocoll.testing import run_ranks
+
+
+@pytest.fixture
+def ring():
+    algorithms.force("all_reduce", "ring")
+    yield
+    algorithms.force("all_reduce", None)
+
+
+async def test_a_ring_timeout_names_the_absent_rank_on_every_member(ring):
+    absent = 2
+
+    async def body(rank):
+        if rank == absent:
+            await asyncio.sleep(1.6)  # never calls the collective
+            return "absent"
+        started = time.monotonic()
+        with pytest.raises(aiocoll.CollectiveTimeoutError) as info:
+            await aiocoll.all_reduce(np.ones(1 << 16, np.float32), timeout=1.0)
+        return info.value, time.monotonic() - started
+
+    results = await run_ranks(body, 5, return_exceptions=True, timeout=5)
+    assert results[absent] == "absent"
+    for rank, got in enumerate(results):
+        if rank == absent:
+            continue
+        err, took = got
+        assert err.ranks == (absent,), f"rank {rank} named {err.ranks}: {err}"
+        assert took < 1.5, f"rank {rank} raised after {took:.2f} s, timeout 1.0 s"
+
+
+async def test_without_the_waiting_notices_a_ring_would_blame_bystanders(ring, monkeypatch):
+    """The control experiment: silence the notices and the neighbours get named."""
+    from aiocoll import _comm
+
+    monkeypatch.setattr(_comm.Communicator, "announce_waiting", lambda self, op: None)
+    absent = 2
+
+    async def body(rank):
+        if rank == absent:
+            await asyncio.sleep(1.6)
+            return None
+        with pytest.raises(aiocoll.CollectiveTimeoutError) as info:
+            await aiocoll.all_reduce(np.ones(1 << 16, np.float32), timeout=1.0)
+        return info.value.ranks
+
+    named = await run_ranks(body, 5, return_exceptions=True, timeout=5)
+    assert any(r is not None and r != (absent,) and r != tuple(p for p in range(5) if p != rank)
+               for rank, r in enumerate(named)), named
+
+
+async def test_a_survivor_that_leaves_at_once_is_not_blamed_for_the_crash():
+    """Rank 1 crashes; rank 2 sees it and leaves at once (abort, no goodbye). Rank 0 is busy
+    meanwhile and sees both losses together: it must name rank 1 on every collective."""
+
+    async def body(rank):
+        g = aiocoll.new_group([0, 1, 2], tag="t")
+        if rank == 1:
+            await asyncio.sleep(0.1)
+            current_world().comm.abort()  # as if SIGKILLed: links drop without goodbye
+            return "crashed"
+        if rank == 2:
+            with pytest.raises(aiocoll.PeerFailureError) as info:
+                await aiocoll.all_reduce(np.ones(4), group=g, timeout=5)
+            assert info.value.ranks == (1,)
+            await aiocoll.destroy(abort=True)  # leaves at once
+            return "left"
+        task = asyncio.ensure_future(aiocoll.all_reduce(np.ones(4), group=g, timeout=5))
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # busy: both losses arrive while this rank does not look
+        with pytest.raises(aiocoll.PeerFailureError) as info:
+            await task
+        with pytest.raises(aiocoll.CollectiveError) as later:
+            await aiocoll.barrier(timeout=5)
+        return info.value.ranks, later.value.ranks
+
+    results = await run_ranks(body, 3, return_exceptions=True, timeout=5)
+    assert results[1:] == ["crashed", "left"], results
+    in_flight, later = results[0]
+    assert in_flight == (1,)
+    assert 1 in later and 2 not in later, later
+
+
+async def test_a_mismatch_names_both_sides_on_every_member():
+    async def body(rank):
+        x = np.ones(8, np.float32 if rank != 1 else np.float64)
+        with pytest.raises(aiocoll.MismatchError) as info:
+            await aiocoll.all_reduce(x, timeout=5)
+        return (info.value,)  # in a tuple: run_ranks re-raises exceptions returned bare
+
+    for rank, (err,) in enumerate(await run_ranks(body, 4, timeout=5)):
+        assert 1 in err.ranks and len(err.ranks) == 2, (rank, err)
+        other = [r for r in err.ranks if r != 1][0]
+        assert "float64 on rank 1" in str(err) and f"float32 on rank {other}" in str(err), str(err)
+
+
+async def test_a_mismatch_with_no_frame_exchanged_is_still_a_mismatch():
+    """Rank 0 gathers (it only receives) while the others wait in a scatter from rank 0 (they
+    only receive): no frame ever flows. Before the timeout the members say where they wait,
+    and that is where the difference shows."""
+
+    async def body(rank):
+        started = time.monotonic()
+        with pytest.raises(aiocoll.MismatchError) as info:
+            if rank == 0:
+                await aiocoll.gather(np.ones(2), 0, timeout=2.0)
+            else:
+                await aiocoll.scatter(np.ones(6), 0, timeout=2.0)
+        return info.value, time.monotonic() - started
+
+    for rank, (err, took) in enumerate(await run_ranks(body, 3, timeout=5)):
+        assert 0 in err.ranks and len(err.ranks) == 2, (rank, err)
+        assert "gather" in str(err) and "scatter" in str(err), str(err)
+        assert took < 2.0, f"rank {rank}: {took:.2f} s, the timeout was 2 s"
