@@ -13,8 +13,9 @@ usable for other groups.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import numpy as np
@@ -183,6 +184,13 @@ async def reduce_scatter(
         ValueError: x.shape[dim] is not divisible by the group size; unknown op; bad dim.
         CollectiveError: as for all_reduce.
     """
+    return await _reduce_scatter_start(x, op, group, dim, timeout)
+
+
+def _reduce_scatter_start(
+    x: Any, op: Any, group: Any, dim: int, timeout: float | None
+) -> Coroutine[Any, Any, Any]:
+    """Check the arguments and claim the sequence number now; the returned coroutine runs it."""
     g = _group(group)
     rop = parse_op(op)
     p = as_payload(x)
@@ -197,6 +205,12 @@ async def reduce_scatter(
         )
     src = _dim_first(p.array, d)
     seq = g.next_seq()
+    return _reduce_scatter_run(g, seq, rop, p, src, d, t)
+
+
+async def _reduce_scatter_run(
+    g: ProcessGroup, seq: int, rop: ReduceOp, p: Payload, src: Array, d: int, t: float
+) -> Any:
     chunk = p.empty((src.shape[0] // g.size, *src.shape[1:]))
     flat_in, flat_out = _flat(src), _flat(chunk)
     if g.size == 1:
@@ -542,11 +556,20 @@ async def all_reduce_coalesced(
     for i, p in enumerate(payloads):
         by_code.setdefault(int(p.code), []).append(i)
     results: list[Any] = [None] * len(payloads)
+    # Claim every sequence number before the first await: collectives started meanwhile by
+    # other tasks must not slip in between on some members and not on others.
+    jobs = []
     for code, idx in by_code.items():
         packed = np.concatenate([_flat(payloads[i].array) for i in idx])
         out = np.empty_like(packed)
-        seq = g.next_seq()
-        await _all_reduce_into(g, seq, rop, payloads[idx[0]], packed, out, t, Kind.ALL_REDUCE, "all_reduce_coalesced")
+        jobs.append((idx, packed, out, g.next_seq()))
+    await asyncio.gather(
+        *(
+            _all_reduce_into(g, seq, rop, payloads[idx[0]], packed, out, t, Kind.ALL_REDUCE, "all_reduce_coalesced")
+            for idx, packed, out, seq in jobs
+        )
+    )
+    for idx, _, out, _ in jobs:
         offset = 0
         for i in idx:
             p = payloads[i]
@@ -603,8 +626,6 @@ async def reduce_scatter_coalesced(
     Raises:
         ValueError: ``dims`` of another length than ``xs``; as reduce_scatter for each array.
     """
-    import asyncio
-
     dims_l = list(dims) if dims is not None else [0] * len(xs)
     if len(dims_l) != len(xs):
         raise ValueError(f"reduce_scatter_coalesced: {len(xs)} arrays but {len(dims_l)} dims")
@@ -623,6 +644,6 @@ async def reduce_scatter_coalesced(
                 f"reduce_scatter_coalesced: xs[{i}].shape[{dd}] = {p.array.shape[dd]} is not divisible "
                 f"by the group size {g.size}"
             )
-    return list(
-        await asyncio.gather(*(reduce_scatter(x, rop, g, dim=d, timeout=timeout) for x, d in zip(xs, dims_l)))
-    )
+    # every sequence number is claimed here, before the first await
+    runs = [_reduce_scatter_start(x, rop, g, d, timeout) for x, d in zip(xs, dims_l)]
+    return list(await asyncio.gather(*runs))

@@ -58,8 +58,9 @@ def parse_op(op: object) -> ReduceOp:
     if isinstance(op, str):
         key = op.strip().lower()
     else:
-        # torch.distributed.ReduceOp and its RedOpType print as e.g. "ReduceOp.SUM" or "RedOpType.SUM".
-        key = str(getattr(op, "name", op)).rsplit(".", 1)[-1].lower()
+        # torch.distributed.ReduceOp wraps a RedOpType in .op; both print as e.g. "RedOpType.SUM".
+        inner = getattr(op, "op", op)
+        key = str(getattr(inner, "name", inner)).rsplit(".", 1)[-1].lower()
     if key in _NAMES:
         return _NAMES[key]
     raise ValueError(

@@ -372,3 +372,35 @@ async def test_large_payload_local_work_runs_off_the_loop(algorithm):
     for y in results:
         assert_reduced(y, want, 3)
     assert ticks > 0
+
+
+async def test_coalesced_calls_claim_their_order_before_other_collectives_interleave():
+    async def body(rank):
+        # the coalesced calls and the plain ones run concurrently; on rank 1 the plain
+        # collective is started first, on rank 0 last: the issue order per group is what counts
+        xs = [np.full(2, rank, np.float32), np.full(3, rank, np.int64)]
+        rs = [np.full((2, 2), rank, np.float64), np.full((2, 4), rank, np.int32)]
+        calls = [
+            aiocoll.all_reduce_coalesced(xs),
+            aiocoll.reduce_scatter_coalesced(rs, "sum", None, [0, 1]),
+        ]
+        plain = aiocoll.all_reduce(np.array([rank]))
+        out = await asyncio.gather(*calls, plain)
+        return out
+
+    results = await run_ranks(body, 2)
+    for rank, (ar, rsc, plain) in enumerate(results):
+        np.testing.assert_array_equal(ar[0], [1, 1])
+        np.testing.assert_array_equal(ar[1], [1, 1, 1])
+        np.testing.assert_array_equal(rsc[0], np.full((1, 2), 1.0))
+        np.testing.assert_array_equal(rsc[1], np.full((2, 2), 1))
+        assert int(plain[0]) == 1
+
+
+def test_parse_op_accepts_torch_reduce_ops():
+    torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up installs it")
+    from aiocoll._ops import ReduceOp, parse_op
+
+    assert parse_op(torch.distributed.ReduceOp.SUM) is ReduceOp.SUM
+    assert parse_op(torch.distributed.ReduceOp(torch.distributed.ReduceOp.MAX)) is ReduceOp.MAX
+    assert parse_op(torch.distributed.ReduceOp.BXOR) is ReduceOp.BXOR
