@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ._auth import new_secret
 from ._comm import Communicator
 from ._errors import NotInitializedError, StoreError
 from ._group import ProcessGroup, group_id
@@ -178,9 +179,19 @@ async def _connect_all(
     rank, size, comm = w.rank, w.world_size, w.comm
     names = _candidates(transport)
     if not secret and transport != "inproc":
+        # No shared secret given (plain torchrun, say): rank 0 makes one and hands it out through
+        # the store. Connections are then authenticated against outsiders that cannot read the
+        # store, but the store itself is open: anyone reaching it could read the secret.
         log.warning(
-            "rank %d: no AIOCOLL_SECRET: connections are not authenticated (aiocoll run sets one)", rank
+            "rank %d: no AIOCOLL_SECRET: the store is unauthenticated and carries a generated "
+            "connection secret (aiocoll run sets AIOCOLL_SECRET for you)",
+            rank,
         )
+        if rank == 0:
+            secret = new_secret()
+            await w.store.set("aiocoll/secret", secret)
+        else:
+            secret = await w.store.get("aiocoll/secret", timeout=w.timeout)
     bind = host or os.environ.get("AIOCOLL_HOST") or "127.0.0.1"
     started: dict[str, Transport] = {}
     addresses: dict[str, str] = {}
