@@ -135,6 +135,7 @@ class Posted:
     op: ActiveOp | None
     me: int = -1
     mismatch: CollectiveError | None = None
+    discard: bool = False  # abandoned (cancelled point to point): drop the frame when it comes
 
     def check(self, key: FrameKey, nbytes: int) -> CollectiveError | None:
         e = self.expect
@@ -198,6 +199,8 @@ class Communicator:
                 raise ValueError(f"control frame of {nbytes} bytes from rank {peer}")
             return memoryview(bytearray(nbytes))
         posted = self._posted.get((peer, k.slot))
+        if posted is not None and posted.discard:
+            return self._scratch(peer, nbytes)
         # Remember where this frame lands: a transport may deliver the payload in several
         # reads, and the receive may be posted while it does (then frame_received copies).
         self._landing[(peer, k.slot)] = posted
@@ -249,6 +252,8 @@ class Communicator:
         self._dead[peer] = reason
         for slot_key in [k for k in self._landing if k[0] == peer]:
             del self._landing[slot_key]  # frames cut off mid-payload never complete
+        for slot_key in [k for k, p in self._posted.items() if k[0] == peer and p.discard]:
+            del self._posted[slot_key]  # abandoned receives: nothing will come
         log.log(logging.DEBUG if exc is None else logging.WARNING, "rank %d: rank %d %s", self.rank, peer, reason)
         if exc is not None:
             self._tell_others(peer, reason)
@@ -370,6 +375,19 @@ class Communicator:
         if op is not None:
             op.posted.add(posted)
         return fut
+
+    def abandon(self, op: ActiveOp) -> None:
+        """Withdraw ``op``'s receives but keep their places: each frame is dropped when it
+        arrives instead of waiting as unexpected, so later messages still match (point to
+        point, where the numbering is per pair and tag, resynchronises this way)."""
+        for posted in list(op.posted):
+            if self._posted.get((posted.peer, posted.slot)) is posted:
+                posted.discard = True
+                posted.op = None
+                posted.buffer = memoryview(bytearray(0))  # the caller's memory is theirs again
+            if not posted.future.done():
+                posted.future.cancel()
+        op.posted.clear()
 
     def cancel_recv(self, posted: Posted) -> None:
         if self._posted.get((posted.peer, posted.slot)) is posted:

@@ -9,6 +9,8 @@ what the receiving side matches on.
 Timeouts, cancellation and failures end here: the collective is unregistered, its pending
 receives withdrawn, its group marked broken, and (if the failure started on this rank) every
 other member is told with an ABORT frame, so that all members raise instead of waiting.
+Point to point is the exception for timeouts and cancellation: a send or receive gives up
+without breaking the group (see run_p2p).
 Sends already handed to a transport are never interrupted mid-frame: they finish in the
 background (tracked by the communicator), keeping every connection's framing intact.
 """
@@ -217,6 +219,14 @@ async def run_p2p(
                 await _wait(comm, active, [fut])
         except TimeoutError:
             raise _timeout_error(group, active, name, timeout, {other}) from None
+    except (asyncio.CancelledError, CollectiveTimeoutError):
+        # Point to point resynchronises: the message this receive waited for is dropped when
+        # it comes, and a send already started still goes out, so both sides' message numbers
+        # stay in step and the group stays usable. (Breaking the group here would break it on
+        # this pair only, and a third member would wait for the timeout on its next call.)
+        comm.abandon(active)
+        comm.end(active)
+        raise
     except BaseException as exc:
         comm.end(active, exc)
         raise
