@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mmap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,8 @@ DEFAULT_MAX_UNEXPECTED = 8 << 30
 _MAX_CONTROL = 1 << 16
 _MAX_OP_NAME = 64
 _MAX_HEARD_GROUPS = 4096
+#: Scratch buffers from this size on are committed page by page as the payload arrives.
+_LAZY_SCRATCH = 1 << 20
 
 _ERRORS: dict[str, type[CollectiveError]] = {
     "timeout": CollectiveTimeoutError,
@@ -216,7 +219,12 @@ class Communicator:
                 f"rank {peer} sent {nbytes} bytes nobody asked for yet, over the "
                 f"{self._max_unexpected}-byte limit for unexpected frames"
             )
-        return memoryview(bytearray(nbytes))
+        if nbytes < _LAZY_SCRATCH:
+            return memoryview(bytearray(nbytes))
+        # bytearray(n) zeroes all n bytes at once, so a header claiming 2 GiB cost 2 GiB of
+        # resident memory before a byte of payload came. An anonymous mapping takes memory as
+        # the payload is written into it, so what a frame costs is what it actually delivered.
+        return memoryview(mmap.mmap(-1, nbytes))
 
     def frame_received(self, peer: int, key: bytes, buffer: memoryview) -> None:
         k = FrameKey.unpack(key)
@@ -512,7 +520,7 @@ class Communicator:
             cls = _ERRORS.get(str(info.get("code")), RemoteAbortError)
             message = f"rank {int(info['origin'])} aborted: {info['message']}"
             ranks = [int(r) for r in info.get("ranks", [])]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a dict
             log.warning("rank %d: malformed abort from rank %d: %s", self.rank, peer, exc)
             return
         hit = False
