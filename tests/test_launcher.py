@@ -487,9 +487,16 @@ def test_python_m_aiocoll_run_as_a_subprocess(tmp_path: Path) -> None:
     script = write_script(
         tmp_path,
         """
-        import os, sys
-        print("args", sys.argv[1:])
-        sys.exit(int(os.environ["RANK"]) + 4 if os.environ["RANK"] == "1" else 0)
+        import os, sys, time
+        print("args", sys.argv[1:], flush=True)
+        marker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank0-printed")
+        if os.environ["RANK"] == "0":
+            open(marker, "w").close()
+            sys.exit(0)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.01)  # fail only once rank 0 has spoken, so its line is there to check
+        sys.exit(int(os.environ["RANK"]) + 4)
         """,
     )
     proc = subprocess.run(
