@@ -1,6 +1,6 @@
 """Cancelling the task awaiting a collective, or an ``asyncio.timeout`` around it.
 
-The documented semantics (README "Failure semantics", RELIABILITY.md):
+The documented semantics (RELIABILITY.md, "Cancellation"):
 
 - a cancelled or timed-out *collective* breaks its group on every member: the others' pending
   call on it raises (RemoteAbortError naming the cancelling rank), and every later call on it
