@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -413,13 +414,30 @@ def _collect(procs: list[subprocess.Popen[str]], label: str, deadline_s: float, 
     threads = [threading.Thread(target=drain, args=(i,), daemon=True) for i in range(len(procs))]
     for t in threads:
         t.start()
+
     def kill_all() -> None:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                # Each was started in its own session: this reaches what it started (mpirun's ranks).
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
 
-    timer = threading.Timer(deadline_s, kill_all)
-    timer.start()
+    stop = threading.Event()
+
+    def watch() -> None:
+        # One process failing leaves the others waiting for it (a store that never comes, a
+        # collective that never completes): stop them all, as ``aiocoll run`` does.
+        deadline = time.monotonic() + deadline_s
+        while not stop.wait(0.05):
+            codes = [p.poll() for p in procs]
+            if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
+                kill_all()
+                return
+            if all(c is not None for c in codes):
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         assert procs[0].stdout is not None
         for line in procs[0].stdout:
@@ -429,11 +447,11 @@ def _collect(procs: list[subprocess.Popen[str]], label: str, deadline_s: float, 
                            d.get("error", "")))
         codes = [p.wait() for p in procs]
     finally:
-        timer.cancel()
+        stop.set()
+        watcher.join(timeout=5)
+        kill_all()
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            p.wait()
         for t in threads:
             t.join(timeout=5)
     if any(codes):
@@ -460,13 +478,7 @@ def _run_phase(args: argparse.Namespace, lib: str, ops: list[str], env: dict[str
                                   start_new_session=True)]
     else:
         procs = _spawn_ranks(args, "aiocoll" if lib == "aiocoll" else "gloo", ops, env)
-    try:
-        _collect(procs, lib, args.phase_timeout, on_row)
-    except BaseException:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        raise
+    _collect(procs, lib, args.phase_timeout, on_row)
 
 
 # --------------------------------------------------------------------------- the table
