@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# aiocoll's CPU collectives next to gloo and Open MPI on a many-core machine, in one go:
+# for each world size, `aiocoll bench` over shm (with gloo and MPI in the same run) and over tcp.
+#
+# usage, from the repository root (the device tool runs commands there):
+#     bash scripts/device_cpu_bench.sh                 # 2, 4 and 8 ranks, 4 B .. 256 MiB
+#     NS="8" SIZES=64M,256M OPS=all_reduce,all_gather bash scripts/device_cpu_bench.sh
+# Needs python3 with numpy and torch (gloo), mpi4py and mpirun (Open MPI); uses the checkout
+# through PYTHONPATH, so nothing is installed. Everything goes to stdout.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+NS=${NS:-"2 4 8"}
+SIZES=${SIZES:-4,64K,1M,16M,64M,256M}
+OPS=${OPS:-all_reduce}
+TARGET_S=${TARGET_S:-1}
+MPIRUN=${MPIRUN:-"mpirun --allow-run-as-root --oversubscribe --mca pml ob1 --mca btl self,vader"}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export GLOO_SOCKET_IFNAME=lo
+
+echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host $(hostname)  cores $(nproc)  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "# memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')  load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# $($PY -c 'import sys, numpy, torch; print("python", sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__)' 2>&1 | tail -1)"
+echo "# $($PY -c 'import uvloop; print("uvloop", uvloop.__version__)' 2>&1 | tail -1)"
+echo "# $($PY -c 'from mpi4py import MPI; import mpi4py; print("mpi4py", mpi4py.__version__, "|", MPI.Get_library_version().splitlines()[0])' 2>&1 | tail -1)"
+echo "# mpirun: $(command -v mpirun || echo missing)  git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+COMPARE=gloo,mpi
+if ! $PY -c 'from mpi4py import MPI' >/dev/null 2>&1 || ! command -v mpirun >/dev/null; then
+    echo "# mpi4py or mpirun missing: comparing with gloo only"
+    COMPARE=gloo
+fi
+
+status=0
+for n in $NS; do
+    echo
+    echo "=== aiocoll shm, n=$n, compared with $COMPARE in the same run"
+    timeout 1200 $PY -m aiocoll bench -n "$n" --transport shm --op "$OPS" --sizes "$SIZES" \
+        --target-s "$TARGET_S" --compare "$COMPARE" --mpirun "$MPIRUN" || status=1
+    echo
+    echo "=== aiocoll tcp, n=$n"
+    timeout 900 $PY -m aiocoll bench -n "$n" --transport tcp --op "$OPS" --sizes "$SIZES" \
+        --target-s "$TARGET_S" || status=1
+done
+exit $status
