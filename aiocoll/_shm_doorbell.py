@@ -33,7 +33,11 @@ import secrets
 import select
 import socket
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Architectures whose memory model the counters rely on.
 _TSO = {"x86_64", "amd64", "i386", "i686", "x86"}
@@ -66,6 +70,26 @@ def fence() -> None:
     """A full memory barrier: stores issued before it are visible before loads issued after it."""
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+_YIELD = os.environ.get("AIOCOLL_SHM_SPIN_YIELD", "1") not in ("0", "off", "")
+
+
+def spin_until(ready: Callable[[T], bool], arg: T, seconds: float) -> bool:
+    """Poll ``ready(arg)`` for up to ``seconds``; True as soon as it holds.
+
+    Each miss yields the CPU (``sched_yield``): if the member we wait for shares our core (a
+    busy machine, more ranks than cores), it runs now instead of after our time slice; on an
+    idle core the call returns at once.
+    """
+    end = time.perf_counter() + seconds
+    while True:
+        if ready(arg):
+            return True
+        if time.perf_counter() >= end:
+            return False
+        if _YIELD:
+            os.sched_yield()
 
 
 class Doorbell:
@@ -150,4 +174,4 @@ class Doorbell:
         self._tx.close()
 
 
-__all__ = ["Doorbell", "SLEEP_SLICE_S", "SPIN_S", "check_memory_model", "fence"]
+__all__ = ["Doorbell", "SLEEP_SLICE_S", "SPIN_S", "check_memory_model", "fence", "spin_until"]

@@ -50,7 +50,7 @@ from ._comm import ActiveOp
 from ._dtypes import WireDtype
 from ._errors import CollectiveError, CollectiveTimeoutError, GroupBrokenError, MismatchError
 from ._ops import ReduceOp
-from ._shm_doorbell import SLEEP_SLICE_S, SPIN_S, Doorbell, fence
+from ._shm_doorbell import SLEEP_SLICE_S, SPIN_S, Doorbell, fence, spin_until
 from ._shm_layout import A, B, F, GroupSegment, segment_bytes
 from ._shm_segment import create_named, open_named, unlink_named
 from ._wire import FrameKey, Kind
@@ -83,7 +83,11 @@ def default_part_bytes(world: int) -> int:
     part = _env_int("AIOCOLL_SHM_PART_BYTES", 0)
     if part:
         return max(4096, part // 4096 * 4096)
-    return (256 << 10) if world <= 2 else (128 << 10)
+    # Measured (BENCHMARKS.md, "tuning"): big parts amortise the per-round Python work, small
+    # ones keep a round (W parts) in the cache; the best trade moves with W.
+    if world <= 2:
+        return 512 << 10
+    return (256 << 10) if world <= 4 else (128 << 10)
 
 
 def default_depth() -> int:
@@ -489,11 +493,8 @@ class ShmEngine:
         """
         seg, bell = self._segment(), self._bell
         assert bell is not None
-        if self.spin_s:
-            end = time.perf_counter() + self.spin_s
-            while time.perf_counter() < end:
-                if self._satisfied(w):
-                    return
+        if self.spin_s and spin_until(self._satisfied, w, self.spin_s):
+            return
         loop = asyncio.get_running_loop()
         self._waiting = w
         seg.set_sleeping(self.rank, True)
@@ -562,11 +563,8 @@ class ShmEngine:
     def _wait_blocking(self, w: algo.Wait) -> None:
         seg, bell = self._seg, self._bell
         assert seg is not None and bell is not None
-        if self.spin_s:
-            deadline = time.perf_counter() + self.spin_s
-            while time.perf_counter() < deadline:
-                if self._satisfied(w):
-                    return
+        if self.spin_s and spin_until(self._satisfied, w, self.spin_s):
+            return
         self._waiting = w
         seg.set_sleeping(self.rank, True)
         fence()

@@ -44,13 +44,12 @@ import os
 import secrets
 import socket
 import struct
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 from aiocoll import _auth
 from aiocoll._errors import HandshakeError, TransportError
-from aiocoll._shm_doorbell import SLEEP_SLICE_S, SPIN_S, check_memory_model, fence
+from aiocoll._shm_doorbell import SLEEP_SLICE_S, SPIN_S, check_memory_model, fence, spin_until
 from aiocoll._shm_ring import FRAME_HEADER, Ring, RingError, check_capacity, padded, segment_size
 from aiocoll._shm_segment import create_anonymous, map_fd, sweep_stale
 
@@ -75,6 +74,13 @@ _PIECE = 1 << 20
 _PUMP_BUDGET = 16 << 20
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def format_address(name: str) -> str:
     return _SCHEME + name
 
@@ -97,9 +103,11 @@ def _bytes_view(obj: Buffer) -> memoryview:
     return view if (view.ndim == 1 and view.format == "B") else view.cast("B")
 
 
-def _peer_uid(sock: socket.socket) -> int:
+def _peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, as the kernel saw it connect."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, _ = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
 class _SockStream:
@@ -156,9 +164,10 @@ def _ring_bell(sock: socket.socket) -> None:
 class ShmConnection:
     """The writing end of a one-way link to a rank on this host."""
 
-    def __init__(self, owner: ShmTransport, peer: int, sock: socket.socket, ring: Ring) -> None:
+    def __init__(self, owner: ShmTransport, peer: int, sock: socket.socket, ring: Ring, spin_s: float) -> None:
         self.peer = peer
         self._owner = owner
+        self._spin_s = spin_s
         self._sock = sock
         self._ring = ring
         self._loop = asyncio.get_running_loop()
@@ -215,10 +224,8 @@ class ShmConnection:
         ring = self._ring
         if ring.free() >= need:
             return
-        deadline = time.perf_counter() + self._owner.spin_s
-        while time.perf_counter() < deadline:
-            if ring.free() >= need:
-                return
+        if self._spin_s and spin_until(_has_room, (ring, need), self._spin_s):
+            return
         ring.set_writer_sleeping(True)
         fence()
         try:
@@ -300,6 +307,14 @@ class ShmConnection:
         self._teardown()
 
 
+def _has_room(arg: tuple[Ring, int]) -> bool:
+    return arg[0].free() >= arg[1]
+
+
+def _has_data(ring: Ring) -> bool:
+    return ring.available() > 0
+
+
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -308,9 +323,12 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 class _Inbound:
     """The reading end of a link from ``peer``: copies frames out of the ring into the sink's memory."""
 
-    def __init__(self, owner: ShmTransport, peer: int, sock: socket.socket, ring: Ring, sink: FrameSink) -> None:
+    def __init__(
+        self, owner: ShmTransport, peer: int, sock: socket.socket, ring: Ring, sink: FrameSink, spin_s: float
+    ) -> None:
         self.peer = peer
         self._owner = owner
+        self._spin_s = spin_s
         self._sock = sock
         self._ring = ring
         self._sink = sink
@@ -360,12 +378,9 @@ class _Inbound:
                 self._release()
                 if final:
                     return
-                if self._buf is not None:
+                if self._buf is not None and self._spin_s:
                     # Mid-frame: the writer is copying the next piece right now.
-                    deadline = time.perf_counter() + self._owner.spin_s
-                    while ring.available() == 0 and time.perf_counter() < deadline:
-                        pass
-                    if ring.available():
+                    if spin_until(_has_data, ring, self._spin_s):
                         continue
                 ring.set_reader_sleeping(True)
                 fence()
@@ -464,7 +479,11 @@ class ShmTransport:
         self._secret = config.secret
         options = config.options
         self.ring_bytes = check_capacity(int(options.get("ring_bytes", DEFAULT_RING_BYTES)))
-        self.spin_s = float(options["spin_us"]) * 1e-6 if "spin_us" in options else SPIN_S
+        if "spin_us" in options:
+            self.spin_s = float(options["spin_us"]) * 1e-6
+        else:
+            # With more ranks than cores a spinning reader only delays the writer it waits for.
+            self.spin_s = SPIN_S if _usable_cpus() >= min(config.world_size, 64) else 0.0
         self._sink: FrameSink | None = None
         self._listener: socket.socket | None = None
         self._address = ""
@@ -529,7 +548,8 @@ class ShmTransport:
         sock.setblocking(False)
         fd = -1
         try:
-            if _peer_uid(sock) != os.getuid():
+            peer_pid, peer_uid = _peer_creds(sock)
+            if peer_uid != os.getuid():
                 raise HandshakeError("peer runs as another user")
             stream = _SockStream(sock)
             hello = await _auth.accept(
@@ -579,7 +599,7 @@ class ShmTransport:
             sock.close()
             return
         assert self._sink is not None
-        self._inbound.add(_Inbound(self, peer, sock, ring, self._sink))
+        self._inbound.add(_Inbound(self, peer, sock, ring, self._sink, self._spin_for(peer_pid)))
 
     def _parse_hello(self, hello: bytes) -> int:
         if len(hello) != _HELLO.size:
@@ -622,7 +642,8 @@ class ShmTransport:
         fd = -1
         mm = None
         try:
-            if _peer_uid(sock) != os.getuid():
+            peer_pid, peer_uid = _peer_creds(sock)
+            if peer_uid != os.getuid():
                 raise HandshakeError(f"the listener at {address} runs as another user")
             stream = _SockStream(sock)
             hello = await _auth.initiate(
@@ -653,11 +674,16 @@ class ShmTransport:
         finally:
             if fd >= 0:
                 os.close(fd)
-        conn = ShmConnection(self, peer, sock, ring)
+        conn = ShmConnection(self, peer, sock, ring, self._spin_for(peer_pid))
         self._conns.add(conn)
         return conn
 
     # ------------------------------------------------------------------ bookkeeping
+    def _spin_for(self, peer_pid: int) -> float:
+        # A peer in this very process (ranks as tasks of one loop, in tests) can only make
+        # progress once we return to the loop: spinning for it is pure waste.
+        return 0.0 if peer_pid == os.getpid() else self.spin_s
+
     def _forget(self, conn: ShmConnection) -> None:
         self._conns.discard(conn)
 
