@@ -19,8 +19,10 @@ Definitions (as nccl-tests and the project's CPU anchors):
   reduce_scatter), 1 (broadcast). 1 GB = 1e9 B.
 - The ratio columns are the other library's time divided by ours: above 1, aiocoll is faster.
 
-aiocoll's all_reduce is timed with ``out=`` (gloo and MPI reduce into a preallocated buffer too);
-all_gather, reduce_scatter and broadcast return a new array per call, as their API does.
+aiocoll's all_reduce is timed with ``out=`` a second preallocated array, as MPI's ``Allreduce(x,
+out)``; gloo always reduces in place. ``--in-place`` times aiocoll with ``out=x`` and MPI with
+``MPI_IN_PLACE`` instead (one buffer: less memory traffic). all_gather, reduce_scatter and
+broadcast return a new array per call, as their API does.
 """
 
 from __future__ import annotations
@@ -155,9 +157,10 @@ async def _aiocoll_worker(args: argparse.Namespace) -> None:
                 x = np.full(cin, rank + 1, dtype=np.float32)
                 out = np.empty(cout, dtype=np.float32)
                 if op == "all_reduce":
+                    target = x if args.in_place else out
 
                     async def call() -> Any:
-                        return await aiocoll.all_reduce(x, out=out)
+                        return await aiocoll.all_reduce(x, out=target)
 
                     want: Any = np.full(cout, n * (n + 1) / 2, np.float32)
                 elif op == "all_gather":
@@ -181,6 +184,7 @@ async def _aiocoll_worker(args: argparse.Namespace) -> None:
                 got = await call()
                 if not np.array_equal(got, want):
                     raise AssertionError(f"aiocoll {op} of {size} bytes gave a wrong result on rank {rank}")
+                x.fill(rank + 1)
                 t0 = time.perf_counter()
                 for _ in range(WARMUP):
                     await call()
@@ -291,7 +295,10 @@ def _mpi_worker(args: argparse.Namespace) -> None:
             if op == "all_reduce":
 
                 def call() -> None:
-                    comm.Allreduce(x, out, op=MPI.SUM)
+                    if args.in_place:
+                        comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
+                    else:
+                        comm.Allreduce(x, out, op=MPI.SUM)
 
                 want: Any = np.full(cout, n * (n + 1) / 2, np.float32)
             elif op == "all_gather":
@@ -313,7 +320,8 @@ def _mpi_worker(args: argparse.Namespace) -> None:
 
                 want = np.full(cin, 1, np.float32)
             call()
-            if not np.array_equal(x if op == "broadcast" else out, want):
+            got = x if op == "broadcast" or (op == "all_reduce" and args.in_place) else out
+            if not np.array_equal(got, want):
                 raise AssertionError(f"MPI {op} of {size} bytes gave a wrong result on rank {rank}")
             t0 = time.perf_counter()
             for _ in range(WARMUP):
@@ -343,6 +351,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     p.add_argument("--transport", default="auto")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--target-s", type=float, default=1.0)
+    p.add_argument("--in-place", action="store_true")
     args = p.parse_args(list(argv))
     if args.worker == "aiocoll":
         from ._loop import run
@@ -393,6 +402,7 @@ def _common(args: argparse.Namespace, ops: list[str]) -> list[str]:
     return [
         "--ops", ",".join(ops), "--sizes", ",".join(map(str, args.sizes)),
         "--target-s", repr(args.target_s), "--timeout", repr(args.timeout),
+        *(["--in-place"] if args.in_place else []),
     ]
 
 
@@ -550,6 +560,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default="", help="also run gloo and/or mpi: gloo, mpi or gloo,mpi")
     p.add_argument("--plot", metavar="F.png", help="write busbw against size (needs matplotlib)")
     p.add_argument("--target-s", type=float, default=1.0, help="seconds of timed calls per size (default 1)")
+    p.add_argument("--in-place", action="store_true",
+                   help="all_reduce into its input: aiocoll out=x, MPI_IN_PLACE (gloo always reduces in place)")
     p.add_argument("--timeout", type=float, default=300.0, help="aiocoll's collective timeout (default 300)")
     p.add_argument("--phase-timeout", type=float, default=3600.0,
                    help="seconds one library's whole run may take before it is killed (default 3600)")

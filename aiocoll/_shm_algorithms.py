@@ -154,7 +154,6 @@ def all_reduce_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, 
     n = x.size
     R = _rounds(n, per_round)
     xb, ob = _bytes(x), _bytes(out)
-    aliased = bool(np.may_share_memory(x, out))
     others = ctx.others
 
     def parts(k: int) -> list[tuple[int, int]]:
@@ -166,7 +165,7 @@ def all_reduce_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, 
         yield _reuse(ctx, g)
         st = seg.stage[r][g % D]
         for p, (lo, hi) in enumerate(parts(k)):
-            if p != r or aliased:
+            if p != r:
                 st[p * C : p * C + (hi - lo) * s] = xb[lo * s : hi * s]
         ctx.publish((A,), g + 1)
         return 0
@@ -179,11 +178,13 @@ def all_reduce_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, 
         m = hi - lo
         if m:
             sources = [
-                x[lo:hi] if (p == r and not aliased) else seg.stage[p][slot][r * C : r * C + m * s].view(x.dtype)
-                for p in range(W)
+                x[lo:hi] if p == r else seg.stage[p][slot][r * C : r * C + m * s].view(x.dtype) for p in range(W)
             ]
-            fold(op, code, sources, out[lo:hi])
-            seg.result[r][slot][: m * s] = ob[lo * s : hi * s]
+            # Reduced into the shared result area, then copied out: the same work as the other
+            # way round, and ``out`` may be ``x`` (out=x), whose own part must be read first.
+            res = seg.result[r][slot][: m * s]
+            fold(op, code, sources, res.view(x.dtype))
+            ob[lo * s : hi * s] = res
         ctx.publish((B,), g + 1)
         return 0
 
@@ -197,6 +198,7 @@ def all_reduce_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, 
         ctx.publish((F,), g + 1)
         return 0
 
+    # Software pipeline: copy-in of round i, reduction of round i-1, copy-out of round i-2.
     for i in range(R + 2):
         if i < R:
             yield from copy_in(i)
