@@ -341,3 +341,35 @@ async def test_torch_bfloat16_through_the_fast_path():
 
     for y in await shm_ranks(body, 2):
         assert y.dtype == torch.bfloat16 and torch.all(y == 2.0)
+
+
+async def test_auto_links_ranks_of_one_host_by_shm_and_the_rest_by_tcp(monkeypatch):
+    pytest.importorskip("aiocoll.transports.tcp")
+    from aiocoll import _world
+
+    def fake_host_key() -> str:
+        # ranks 0 and 1 share a host, rank 2 lives elsewhere (the harness names its tasks)
+        rank = int(asyncio.current_task().get_name().rsplit("-", 1)[1])
+        return "host-a" if rank < 2 else "host-b"
+
+    monkeypatch.setattr(_world, "host_key", fake_host_key)
+
+    async def body(rank):
+        links = dict(current_world().transport_names)
+        pair = aiocoll.new_group([0, 1])
+        whole = _fastpath.fastpath_for(aiocoll.world(), "all_reduce", 1 << 20)
+        sub = _fastpath.fastpath_for(pair, "all_reduce", 1 << 20) if rank < 2 else None
+        y = await aiocoll.all_reduce(np.full(5000, rank, np.int64))  # mixed links, message path
+        z = await aiocoll.all_reduce(np.full(5000, rank, np.int64), group=pair) if rank < 2 else None
+        return links, whole, sub, y, z
+
+    results = await run_ranks(body, 3, transport="auto", secret="s")
+    assert results[0][0] == {1: "shm", 2: "tcp"}
+    assert results[1][0] == {0: "shm", 2: "tcp"}
+    assert results[2][0] == {0: "tcp", 1: "tcp"}
+    for rank, (_, whole, sub, y, z) in enumerate(results):
+        assert whole is None  # rank 2 is on another host: no shared segment for the world
+        assert (sub is not None) == (rank < 2)
+        np.testing.assert_array_equal(y, np.full(5000, 3))
+        if rank < 2:
+            np.testing.assert_array_equal(z, np.full(5000, 1))
