@@ -4,7 +4,7 @@
 (``aiocoll._shm_engine``) or None, and the collective then runs its ordinary algorithm. The
 engine is used when all of these hold:
 
-- the group has at least two members and this process reaches every other member through the
+- the group has 2 to 128 members and this process reaches every other member through the
   ``shm`` transport (so all are on this host: ``transport="auto"`` or ``"shm"``; with
   ``transport="tcp"`` nothing changes);
 - the fast path is on: ``AIOCOLL_SHM_FASTPATH`` is unset, ``1``/``on``/``auto`` (``0``/``off``
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 #: Collectives the engine runs.
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+#: Largest group given a shared segment: its size grows with the square of the group's.
+MAX_MEMBERS = 128
 
 _enabled: bool | None = None  # None: from the environment
 _min_bytes: dict[str, int] = {}
@@ -111,7 +113,7 @@ def fastpath_for(group: ProcessGroup, collective: str, nbytes: int) -> ShmEngine
     Raises:
         ValueError: a malformed AIOCOLL_SHM_FASTPATH* variable.
     """
-    if group.size < 2:
+    if not 2 <= group.size <= MAX_MEMBERS:
         return None
     enabled, minimum = _read_settings()
     if not enabled or nbytes < minimum.get(collective, 1 << 62):

@@ -78,7 +78,13 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
 
 
-def default_part_bytes(world: int) -> int:
+#: Most staging memory per member (depth * world * part bytes), and for the whole segment:
+#: large groups get smaller parts (every member stages a part for every other one).
+STAGE_BUDGET = 16 << 20
+SEGMENT_BUDGET = 256 << 20
+
+
+def default_part_bytes(world: int, depth: int = 4) -> int:
     """Bytes each member owns per round (``AIOCOLL_SHM_PART_BYTES`` overrides)."""
     part = _env_int("AIOCOLL_SHM_PART_BYTES", 0)
     if part:
@@ -86,8 +92,11 @@ def default_part_bytes(world: int) -> int:
     # Measured (BENCHMARKS.md, "tuning"): big parts amortise the per-round Python work, small
     # ones keep a round (W parts) in the cache; the best trade moves with W.
     if world <= 2:
-        return 512 << 10
-    return (256 << 10) if world <= 4 else (128 << 10)
+        part = 512 << 10
+    else:
+        part = (256 << 10) if world <= 4 else (128 << 10)
+    budget = min(STAGE_BUDGET, SEGMENT_BUDGET // world)
+    return max(4096, min(part, budget // (depth * world) // 4096 * 4096))
 
 
 def default_depth() -> int:
@@ -351,8 +360,8 @@ class ShmEngine:
         seg: GroupSegment | None = None
         try:
             if g.rank == 0:
-                part = default_part_bytes(g.size)
                 depth = default_depth()
+                part = default_part_bytes(g.size, depth)
                 name, mm = create_named(f"g{g.gid:016x}", segment_bytes(g.size, part, depth))
                 try:
                     seg = GroupSegment(

@@ -49,8 +49,10 @@ def job_token() -> str:
     return job if _JOB.match(job) else "nojob"
 
 
-def _map(fd: int, size: int) -> mmap.mmap:
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+def _map(fd: int, size: int, populate: bool) -> mmap.mmap:
+    # Populating costs the page faults up front, where they do not disturb a timed collective;
+    # memory that may never be touched (a ring of a quiet link) is left to fault in lazily.
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
@@ -78,8 +80,9 @@ def create_anonymous(size: int, label: str) -> int:
     return fd
 
 
-def map_fd(fd: int, size: int) -> mmap.mmap:
-    """Map ``size`` bytes (0: all) of the shared-memory file ``fd`` read-write and shared.
+def map_fd(fd: int, size: int, *, populate: bool = False) -> mmap.mmap:
+    """Map ``size`` bytes (0: all) of the shared-memory file ``fd`` read-write and shared;
+    ``populate`` maps every page now.
 
     Raises:
         ValueError: the file is smaller than ``size`` (a peer lied or truncated it).
@@ -88,7 +91,7 @@ def map_fd(fd: int, size: int) -> mmap.mmap:
     actual = os.fstat(fd).st_size
     if actual < size or actual == 0:
         raise ValueError(f"shared segment holds {actual} bytes, {size or 'some'} expected")
-    return _map(fd, size or actual)
+    return _map(fd, size or actual, populate)
 
 
 def create_named(label: str, size: int) -> tuple[str, mmap.mmap]:
@@ -105,7 +108,7 @@ def create_named(label: str, size: int) -> tuple[str, mmap.mmap]:
     fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
-        return name, _map(fd, size)
+        return name, _map(fd, size, True)
     except BaseException:
         unlink_named(name)
         raise
@@ -124,7 +127,7 @@ def open_named(name: str, size: int = 0) -> mmap.mmap:
         raise ValueError(f"not an aiocoll segment name: {name!r}")
     fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CLOEXEC)
     try:
-        return map_fd(fd, size)
+        return map_fd(fd, size, populate=True)
     finally:
         os.close(fd)
 
