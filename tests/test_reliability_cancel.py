@@ -215,3 +215,35 @@ async def test_a_member_that_finds_the_segment_gone_raises_a_collective_error(mo
     results = await _run(body, 3, "shm")
     for rank, (got,) in enumerate(results):
         assert isinstance(got, aiocoll.CollectiveError), f"rank {rank} raised {got!r}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="aiocoll/_store_tcp.py TcpStoreServer._on_connect: when aclose() cancels a connection task "
+    "that is already in its finally block (the client just left: it awaits writer.wait_closed()), the "
+    "CancelledError escapes (contextlib.suppress(Exception) does not cover it) and Python 3.11's streams "
+    "log 'Exception in callback StreamReaderProtocol.connection_made.<locals>.callback' with a "
+    "traceback; seen on rank 0 at the end of jobs whose ranks left at once",
+)
+async def test_closing_the_store_just_after_a_client_left_logs_nothing():
+    from aiocoll import _auth
+    from aiocoll._store_tcp import TcpStoreServer
+
+    loop = asyncio.get_running_loop()
+    problems: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: problems.append(str(ctx.get("message"))))
+    try:
+        for turns in range(10):  # how many loop turns the client's departure gets before aclose()
+            server = await TcpStoreServer.start("127.0.0.1", 0, b"secret")
+            reader, writer = await asyncio.open_connection(*server.address)
+            await _auth.initiate(reader, writer, b"secret", b"store", b"", 5)
+            await asyncio.sleep(0.05)
+            writer.transport.abort()  # the client leaves
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            await server.aclose()
+            await asyncio.sleep(0.02)
+    finally:
+        loop.set_exception_handler(previous)
+    assert problems == []

@@ -51,7 +51,7 @@ def _check_survivors(job: Job, victim: int, died_at: float, *, scenario: str, tr
         assert sorted(results) == sorted(kinds), f"rank {r.rank} reported {sorted(results)}:\n{r.tail()}"
         failed = 0
         for kind, rec in results.items():
-            _record(scenario, transport, job.size, victim, r.rank, rec)
+            _record(scenario, transport, job.size, victim, r.rank, dict(rec, detect=rec["t"] - died_at))
             assert rec["outcome"] != "WRONG", f"rank {r.rank} got a wrong {kind}: {rec['why']}"
             if rec["outcome"] == "ok":
                 continue  # this member's part needed nothing more from the victim: a right result
@@ -105,7 +105,7 @@ def test_every_collective_after_the_death_fails_at_once(transport, size, victim)
                 assert rec["outcome"] == "error" and rec["ranks"] == [victim], rec
                 assert rec["type"] == "PeerFailureError", rec
                 assert rec["elapsed"] < 0.5, f"{rec['kind']} took {rec['elapsed']:.2f} s to refuse"
-                _record("dead before the call", transport, size, victim, r.rank, rec)
+                _record("dead before the call", transport, size, victim, r.rank, dict(rec, detect=rec["elapsed"]))
             assert len(r.records("RESULT")) == len(OPS)
 
 
