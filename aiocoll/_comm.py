@@ -384,6 +384,18 @@ class Communicator:
             op.posted.add(posted)
         return fut
 
+    def withdraw(self, op: ActiveOp) -> bool:
+        """Take back ``op``'s receives if none has begun or finished receiving; False (and
+        nothing done) otherwise."""
+        for posted in op.posted:
+            if posted.future.done() or (posted.peer, posted.slot) in self._landing:
+                return False
+        for posted in list(op.posted):
+            self.cancel_recv(posted)
+            posted.future.cancel()
+        op.posted.clear()
+        return True
+
     def abandon(self, op: ActiveOp) -> None:
         """Withdraw ``op``'s receives but keep their places: each frame is dropped when it
         arrives instead of waiting as unexpected, so later messages still match (point to

@@ -220,11 +220,16 @@ async def run_p2p(
         except TimeoutError:
             raise _timeout_error(group, active, name, timeout, {other}) from None
     except (asyncio.CancelledError, CollectiveTimeoutError):
-        # Point to point resynchronises: the message this receive waited for is dropped when
-        # it comes, and a send already started still goes out, so both sides' message numbers
-        # stay in step and the group stays usable. (Breaking the group here would break it on
-        # this pair only, and a third member would wait for the timeout on its next call.)
-        comm.abandon(active)
+        # Point to point resynchronises instead of breaking the group (which would break it on
+        # this pair only: a third member would wait for its timeout on its next call). A send
+        # already started still goes out. A receive gives its message number back when nothing
+        # of the message has come and no later receive on this (peer, tag) was posted, so that
+        # a retry gets the message; otherwise the message is dropped when it comes. Either way
+        # both sides' message numbers stay in step.
+        if receive and counter[(peer, tag)] == n + 1 and comm.withdraw(active):
+            counter[(peer, tag)] = n
+        else:
+            comm.abandon(active)
         comm.end(active)
         raise
     except BaseException as exc:
