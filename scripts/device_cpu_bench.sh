@@ -22,7 +22,7 @@ echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host $(hostname)  cores $(nproc)  $
 echo "# memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')  load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# $($PY -c 'import sys, numpy, torch; print("python", sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__)' 2>&1 | tail -1)"
 echo "# $($PY -c 'import uvloop; print("uvloop", uvloop.__version__)' 2>&1 | tail -1)"
-echo "# $($PY -c 'from mpi4py import MPI; import mpi4py; print("mpi4py", mpi4py.__version__, "|", MPI.Get_library_version().splitlines()[0])' 2>&1 | tail -1)"
+echo "# $($PY -c 'from mpi4py import MPI; import mpi4py; print("mpi4py", mpi4py.__version__, "|", MPI.Get_library_version().splitlines()[0].strip(chr(0)))' 2>&1 | tr -d '\000' | tail -1)"
 echo "# mpirun: $(command -v mpirun || echo missing)  git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 COMPARE=gloo,mpi
