@@ -49,7 +49,7 @@ from ._errors import (
 from ._dtypes import WireDtype
 from ._errors import TransportError
 from ._ops import ReduceOp
-from ._wire import FLAG_CONTROL, FrameKey, Kind, kind_name
+from ._wire import FLAG_CONTROL, FLAG_P2P, FrameKey, Kind, kind_name
 from .transports import Connection, Transport
 
 log = logging.getLogger("aiocoll")
@@ -113,6 +113,7 @@ class ActiveOp:
     members: frozenset[int]
     failure: asyncio.Future[None]
     posted: set[Posted] = field(default_factory=set)
+    p2p: bool = False  # point to point: ``seq`` numbers messages of a (pair, tag), not steps
 
     def fail(self, exc: CollectiveError) -> None:
         if not self.failure.done():
@@ -184,6 +185,8 @@ class Communicator:
         # gid -> rank -> loop time of its last WAITING notice for a collective of that group
         self._heard: dict[int, dict[int, float]] = {}
         self._broken: dict[int, CollectiveError] = {}
+        # gid -> first collective step that fails; steps before it may still complete (see _break)
+        self._broken_from: dict[int, int] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -248,7 +251,7 @@ class Communicator:
             else:
                 posted.future.set_result(None)
             return
-        if k.gid in self._broken:
+        if self._doomed(k.gid, k.seq, bool(k.flags & FLAG_P2P)):
             return  # a collective of a broken group: nobody will ever ask for it
         self._unexpected[(peer, k.slot)] = (k, buffer)
         self._unexpected_bytes += buffer.nbytes
@@ -287,7 +290,7 @@ class Communicator:
             culprits = sorted({self._culprit(p, op.members) for p in hurt})
             first = culprits[0]
             err = op.error(PeerFailureError, f"rank {first} {self._dead.get(first, 'was lost')}", culprits)
-            self._broken.setdefault(op.gid, _record(err))
+            self._break(op.gid, err, 0 if op.p2p else op.seq)
             op.fail(err)
 
     def _culprit(self, peer: int, members: frozenset[int]) -> int:
@@ -340,7 +343,7 @@ class Communicator:
         for op in list(self._active):
             if lost in op.members and reporter in op.members:
                 err = op.error(PeerFailureError, f"rank {lost} {reason} (reported by rank {reporter})", (lost,))
-                self._broken.setdefault(op.gid, _record(err))
+                self._break(op.gid, err, 0 if op.p2p else op.seq)
                 op.fail(err)
 
     # ----------------------------------------------------------------- receives and sends
@@ -435,11 +438,21 @@ class Communicator:
             raise PeerFailureError(f"sending to rank {peer} failed: {exc}", ranks=(peer,)) from exc
 
     # ----------------------------------------------------------------- collectives in flight
-    def begin(self, group: str, gid: int, seq: int, op: str, members: frozenset[int]) -> ActiveOp:
-        """Register a collective; raises at once if its group is broken or a member is dead."""
-        active = ActiveOp(group, gid, seq, op, members, asyncio.get_running_loop().create_future())
-        if gid in self._broken:
+    def begin(
+        self, group: str, gid: int, seq: int, op: str, members: frozenset[int], *, p2p: bool = False
+    ) -> ActiveOp:
+        """Register a collective; raises at once if its group is broken or a member is dead.
+
+        A group broken at step s refuses steps s and later (and point to point); a member that
+        is still behind may finish the steps before s, which every other member finished.
+        """
+        active = ActiveOp(group, gid, seq, op, members, asyncio.get_running_loop().create_future(), p2p=p2p)
+        if self._doomed(gid, seq, p2p):
             cause = self._broken[gid]
+            if not p2p and seq == self._broken_from[gid]:
+                # This very call is the collective that failed elsewhere before we got to it:
+                # raise what the members that were in it raised.
+                raise active.error(type(cause), cause.detail, cause.ranks)
             since = f" by {cause.op or 'a collective'} at step {cause.seq}" if cause.seq >= 0 else ""
             raise active.error(GroupBrokenError, f"group was broken{since}: {cause.detail}", cause.ranks)
         dead = sorted({self._culprit(p, members) for p in members if p in self._dead})
@@ -469,14 +482,28 @@ class Communicator:
             err = exc
         else:
             err = op.error(RemoteAbortError, f"rank {self.rank} failed: {exc!r}", (self.rank,))
-        already = op.gid in self._broken
-        self._broken.setdefault(op.gid, _record(err))
-        self._drop_unexpected(op.gid)
+        step = 0 if op.p2p else op.seq
+        already = self._doomed(op.gid, step, False)
+        self._break(op.gid, err, step)
         if not already:  # the failure started here: tell the others (remote ones are known)
             self._broadcast_abort(op, err)
 
-    def _drop_unexpected(self, gid: int) -> None:
-        for slot_key in [k for k in self._unexpected if k[1][0] == gid]:
+    def _doomed(self, gid: int, seq: int, p2p: bool) -> bool:
+        """Whether step ``seq`` (or a point-to-point message) of group ``gid`` can only fail."""
+        start = self._broken_from.get(gid)
+        return start is not None and (p2p or seq >= start)
+
+    def _break(self, gid: int, err: CollectiveError, step: int) -> None:
+        """Mark group ``gid`` broken from collective ``step`` on (0: everything).
+
+        Steps before it are left alone: the member that failed at ``step`` had finished them and
+        sent its part, so a member still behind can finish them too; failing them would turn a
+        collective that matched into an error, and dropping their early frames into a hang.
+        """
+        if gid not in self._broken_from or step < self._broken_from[gid]:
+            self._broken[gid] = _record(err)
+            self._broken_from[gid] = step
+        for slot_key in [k for k in self._unexpected if self._doomed(k[1][0], k[1][1], bool(k[1][3] & FLAG_P2P))]:
             _, data = self._unexpected.pop(slot_key)
             self._unexpected_bytes -= data.nbytes
 
@@ -488,7 +515,7 @@ class Communicator:
         body = json.dumps(
             {"code": _error_code(err), "message": err.detail, "ranks": list(err.ranks), "origin": self.rank}
         ).encode()
-        key = FrameKey(op.gid, op.seq, 0, Kind.ABORT, 0, 0, FLAG_CONTROL, 0)
+        key = FrameKey(op.gid, 0 if op.p2p else op.seq, 0, Kind.ABORT, 0, 0, FLAG_CONTROL, 0)
         for peer in op.members:
             if peer == self.rank or peer in self._dead or peer not in self._conns:
                 continue
@@ -535,16 +562,11 @@ class Communicator:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a dict
             log.warning("rank %d: malformed abort from rank %d: %s", self.rank, peer, exc)
             return
-        hit = False
+        # key.seq: the step that failed there (0 when a point-to-point call failed)
+        self._break(key.gid, cls(message, seq=key.seq, ranks=ranks), key.seq)
         for op in list(self._active):
-            if op.gid == key.gid:
-                err = op.error(cls, message, ranks)
-                self._broken.setdefault(op.gid, _record(err))
-                op.fail(err)
-                hit = True
-        if not hit:
-            self._broken.setdefault(key.gid, cls(message, seq=key.seq, ranks=ranks))
-        self._drop_unexpected(key.gid)
+            if op.gid == key.gid and (op.p2p or op.seq >= key.seq):
+                op.fail(op.error(cls, message, ranks))
 
     # ----------------------------------------------------------------- lifecycle
     def spawn(self, coro: Any) -> asyncio.Task[Any]:

@@ -207,7 +207,7 @@ async def run_p2p(
     counter[(peer, tag)] += 1
     name = "recv" if receive else "send"
     other = group.ranks[peer]
-    active = comm.begin(group.name, group.gid, n, name, frozenset((comm.rank, other)))
+    active = comm.begin(group.name, group.gid, n, name, frozenset((comm.rank, other)), p2p=True)
     key = FrameKey(group.gid, n, tag, Kind.SEND, 0, dtype, FLAG_P2P, count)
     try:
         try:

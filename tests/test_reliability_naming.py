@@ -134,3 +134,25 @@ async def test_a_mismatch_with_no_frame_exchanged_is_still_a_mismatch():
         assert 0 in err.ranks and len(err.ranks) == 2, (rank, err)
         assert "gather" in str(err) and "scatter" in str(err), str(err)
         assert took < 2.0, f"rank {rank}: {took:.2f} s, the timeout was 2 s"
+
+
+async def test_a_member_behind_finishes_the_steps_before_the_failure_and_raises_at_it():
+    """Ranks 0 and 1 finish step 0 (a broadcast rank 2 has not joined yet) and mismatch at step
+    1. Rank 2, behind, must still get step 0 right, raise the mismatch at step 1 (its own call of
+    the failed collective), and GroupBrokenError after: the group breaks at the step that failed,
+    not at whatever step a member happens to be in when it hears of it."""
+
+    async def body(rank):
+        g = aiocoll.new_group([0, 1, 2], tag="behind")
+        if rank == 2:
+            await asyncio.sleep(0.3)  # the others are done with step 0 and failed step 1 by now
+        got = await aiocoll.broadcast(np.arange(4) if rank == 0 else np.zeros(4, np.int64), 0, g)
+        assert (got == np.arange(4)).all(), (rank, got)
+        with pytest.raises(aiocoll.MismatchError) as info:
+            await aiocoll.all_reduce(np.ones(3, np.float64 if rank == 1 else np.float32), group=g, timeout=5)
+        assert set(info.value.ranks) in ({0, 1}, {1, 2}), info.value
+        with pytest.raises(aiocoll.GroupBrokenError):
+            await aiocoll.barrier(g)
+        return "ok"
+
+    assert await run_ranks(body, 3, timeout=5) == ["ok"] * 3
