@@ -22,12 +22,16 @@ its timeout (CollectiveTimeoutError naming the members whose counters did not mo
 failure or cancellation breaks the engine and the group for good: counters that are out of step
 cannot be trusted, and the caller's output may be half-written.
 
-Drivers. Small operations run on the event loop: waits spin for ``spin_s`` and then sleep on the
-doorbell (``loop.add_reader``); long ones give the loop a turn every ``YIELD_S``. Operations of
-at least ``thread_min`` bytes run in the engine's worker thread (numpy releases the GIL while
-copying and reducing), leaving the event loop free; waits there sleep in ``select``. An abort,
-timeout or cancellation stops the thread at its next wait or round and the caller is not
-resumed before it has let go of the caller's arrays.
+Drivers. Operations run on the event loop: waits spin for ``spin_s`` (yielding the CPU) and
+then sleep on the doorbell (``loop.add_reader``); long ones give the loop a turn every
+``YIELD_S``, so other tasks wait at most about a millisecond. Operations of at least
+``thread_min`` bytes (``AIOCOLL_SHM_THREAD_MIN``) may instead run in the engine's worker thread
+(numpy releases the GIL while copying and reducing), where waits sleep in ``select``. That is
+off by default: in the sweep on the 16-core machine the thread lost at 2 and 8 ranks (by 7-25%
+at 64-256 MiB) and won only some 4-rank cells, with no consistent gain to pay for the handoffs
+and GIL round trips of every round (BENCHMARKS.md, "Tuning"). An abort,
+timeout or cancellation stops the thread at its next wait or round, and the caller is not
+resumed before the thread has let go of the caller's arrays.
 """
 
 from __future__ import annotations
@@ -166,7 +170,13 @@ class ShmEngine:
     async def all_reduce(
         self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float
     ) -> None:
-        """``out`` = reduction of every member's ``x`` (flat arrays; AVG is left a SUM)."""
+        """``out`` = reduction of every member's ``x`` (flat arrays; AVG is left a SUM).
+
+        Raises:
+            CollectiveError: timeout (naming the members that did not arrive), a dead member, a
+                mismatch with another member's call, a remote abort, or a broken group.
+            asyncio.CancelledError: the caller was cancelled; the group is broken everywhere.
+        """
 
         def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
             return algo.all_reduce_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
@@ -178,7 +188,11 @@ class ShmEngine:
     async def reduce_scatter(
         self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float
     ) -> None:
-        """``out`` = block ``group.rank`` of the reduction of every member's ``x`` (W blocks)."""
+        """``out`` = block ``group.rank`` of the reduction of every member's ``x`` (W blocks).
+
+        Raises:
+            CollectiveError, asyncio.CancelledError: as ``all_reduce``.
+        """
 
         def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
             return algo.reduce_scatter_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
@@ -186,7 +200,11 @@ class ShmEngine:
         await self._run(g, seq, "reduce_scatter", Kind.REDUCE_SCATTER, int(op), code, x.size, 0, x.nbytes, timeout, build)
 
     async def all_gather(self, g: ProcessGroup, seq: int, code: WireDtype, x: Array, out: Array, timeout: float) -> None:
-        """``out`` = every member's ``x`` in group-rank order."""
+        """``out`` = every member's ``x`` in group-rank order.
+
+        Raises:
+            CollectiveError, asyncio.CancelledError: as ``all_reduce``.
+        """
 
         def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
             return algo.all_gather_pipelined(ctx, x, out), algo.ALGO_PIPELINED
@@ -194,7 +212,12 @@ class ShmEngine:
         await self._run(g, seq, "all_gather", Kind.ALL_GATHER, 0, code, x.size, 0, out.nbytes, timeout, build)
 
     async def broadcast(self, g: ProcessGroup, seq: int, root: int, code: WireDtype, buf: Array, timeout: float) -> None:
-        """Copy group rank ``root``'s ``buf`` into every member's ``buf``."""
+        """Copy group rank ``root``'s ``buf`` into every member's ``buf``.
+
+        Raises:
+            CollectiveError, asyncio.CancelledError: as ``all_reduce`` (the root, which waits for
+                nobody, learns of a mismatch from the others' abort, at its next call at latest).
+        """
 
         def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
             return algo.broadcast_pipelined(ctx, root, buf), algo.ALGO_PIPELINED

@@ -373,3 +373,14 @@ async def test_auto_links_ranks_of_one_host_by_shm_and_the_rest_by_tcp(monkeypat
         np.testing.assert_array_equal(y, np.full(5000, 3))
         if rank < 2:
             np.testing.assert_array_equal(z, np.full(5000, 1))
+
+
+async def test_empty_arrays_go_through_every_fast_collective():
+    async def body(rank):
+        e = np.empty((0, 3), np.float32)
+        return (await aiocoll.all_reduce(e), await aiocoll.all_gather(e), await aiocoll.reduce_scatter(e),
+                await aiocoll.broadcast(e, 1), await aiocoll.all_reduce(np.ones(3, np.float32)))
+
+    for ar, ag, rs, bc, after in await shm_ranks(body, 3):
+        assert ar.shape == (0, 3) and ag.shape == (0, 3) and rs.shape == (0, 3) and bc.shape == (0, 3)
+        np.testing.assert_array_equal(after, [3, 3, 3])  # and the group still works
