@@ -292,7 +292,9 @@ class TcpStoreServer:
             # abort, not close: a client that stopped reading must not keep us flushing forever.
             # Waiting for the abort to land means aclose() returns with the socket really closed.
             writer.transport.abort()
-            with contextlib.suppress(Exception):
+            # aclose() may cancel us right here, after the client left; the task must still end
+            # normally (see above), so the cancellation is absorbed too.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
             self._connections.discard(task)
 

@@ -238,14 +238,6 @@ async def test_a_member_that_finds_the_segment_gone_raises_a_collective_error(mo
         assert isinstance(got, aiocoll.CollectiveError), f"rank {rank} raised {got!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiocoll/_store_tcp.py TcpStoreServer._on_connect: when aclose() cancels a connection task "
-    "that is already in its finally block (the client just left: it awaits writer.wait_closed()), the "
-    "CancelledError escapes (contextlib.suppress(Exception) does not cover it) and Python 3.11's streams "
-    "log 'Exception in callback StreamReaderProtocol.connection_made.<locals>.callback' with a "
-    "traceback; seen on rank 0 at the end of jobs whose ranks left at once",
-)
 async def test_closing_the_store_just_after_a_client_left_logs_nothing():
     from aiocoll import _auth
     from aiocoll._store_tcp import TcpStoreServer
