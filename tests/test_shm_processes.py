@@ -245,13 +245,18 @@ async def test_launcher_hook_removes_the_segment_of_a_rank_killed_during_setup(t
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import asyncio, resource, sys, tracemalloc
+    import asyncio, os, resource, sys, tracemalloc
     import numpy as np
     import aiocoll
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     async def main():
         nbytes = int(sys.argv[1])
         async with aiocoll.init() as world:
+            base = rss()
             x = np.full(nbytes // 4, world.rank + 1, np.float32)
             out = np.empty_like(x)
             await aiocoll.all_reduce(x, out=out)  # the segment is made once
@@ -261,15 +266,15 @@ MEMORY_SCRIPT = textwrap.dedent(
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
             assert out[0] == world.size * (world.size + 1) / 2
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            print(f"rank {world.rank} peak_alloc {peak} peak_rss {rss} payload {nbytes}", flush=True)
+            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            print(f"rank {world.rank} peak_alloc {peak} peak_rss {peak_rss} base_rss {base} payload {nbytes}", flush=True)
 
     asyncio.run(main())
     """
 )
 
 
-def _check_memory(tmp_path: Path, nbytes: int) -> None:
+def _check_memory(tmp_path: Path, nbytes: int, *, absolute: bool) -> None:
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
     proc = aiocoll_run(2, script, str(nbytes))
@@ -281,14 +286,17 @@ def _check_memory(tmp_path: Path, nbytes: int) -> None:
         fields = dict(zip(words[0::2], map(int, words[1::2])))
         # Steady state: no payload-sized buffer per call (staging lives in the segment).
         assert fields["peak_alloc"] < nbytes // 16, line
-        assert fields["peak_rss"] < 3 * nbytes, line
+        if absolute:  # the promise: the whole process under 3x the payload
+            assert fields["peak_rss"] < 3 * nbytes, line
+        else:  # small payloads: the interpreter's own ~60 MB would dominate; count what the call adds
+            assert fields["peak_rss"] - fields["base_rss"] < 2.5 * nbytes, line
 
 
 def test_steady_state_all_reduce_allocates_nothing_payload_sized(tmp_path):
-    _check_memory(tmp_path, 64 << 20)
+    _check_memory(tmp_path, 64 << 20, absolute=False)
 
 
 @pytest.mark.stress
 def test_peak_rss_of_a_256_mib_all_reduce_stays_under_three_payloads(tmp_path):
-    _check_memory(tmp_path, 256 << 20)
+    _check_memory(tmp_path, 256 << 20, absolute=True)
 
