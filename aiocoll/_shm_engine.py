@@ -52,7 +52,7 @@ import numpy as np
 from . import _shm_algorithms as algo
 from ._comm import ActiveOp
 from ._dtypes import WireDtype
-from ._errors import CollectiveError, CollectiveTimeoutError, GroupBrokenError, MismatchError
+from ._errors import CollectiveError, CollectiveTimeoutError, GroupBrokenError, MismatchError, RemoteAbortError
 from ._ops import ReduceOp
 from ._shm_doorbell import SLEEP_SLICE_S, SPIN_S, Doorbell, fence, spin_until
 from ._shm_layout import A, B, F, GroupSegment, segment_bytes
@@ -410,7 +410,17 @@ class ShmEngine:
                 self._unheard = [(g.ranks[0], comm.post_recv(g.ranks[0], key, memoryview(got), active))]
                 await self._wait_messages([self._unheard[0][1]], active)
                 name = bytes(got).rstrip(b"\0").decode()
-                mm = open_named(name, 0)
+                try:
+                    mm = open_named(name, 0)
+                except FileNotFoundError:
+                    # Rank 0 gave up (cancelled or timed out) after sending the name and unlinked
+                    # it; its abort is on the way. Say so as the collective error it is.
+                    name = None
+                    raise active.error(
+                        RemoteAbortError,
+                        f"rank {g.ranks[0]} abandoned the group's shared segment before this rank opened it",
+                        (g.ranks[0],),
+                    ) from None
                 try:
                     seg = GroupSegment(mm)
                 except BaseException:

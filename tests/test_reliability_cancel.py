@@ -202,13 +202,6 @@ async def test_many_cancellations_leave_nothing_behind(transport, no_leaks):
     assert await _run(body, 3, transport) == ["ok"] * 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiocoll/_shm_engine.py ShmEngine._setup: a member that receives the segment name "
-    "after group rank 0 gave up (cancelled or timed out during setup: it unlinks the name) gets "
-    "FileNotFoundError from open_named, a raw OSError instead of a CollectiveError; seen for real "
-    "when rank 0's first fast-path collective of a group is cancelled",
-)
 async def test_a_member_that_finds_the_segment_gone_raises_a_collective_error(monkeypatch, no_leaks):
     """Emulates the race deterministically: the name is unlinked just before each member opens
     it, as group rank 0 does when it is cancelled between sending the name and hearing back."""
