@@ -52,7 +52,7 @@ import numpy as np
 from . import _shm_algorithms as algo
 from ._comm import ActiveOp
 from ._dtypes import WireDtype
-from ._errors import CollectiveError, CollectiveTimeoutError, GroupBrokenError, MismatchError, RemoteAbortError
+from ._errors import CollectiveTimeoutError, GroupBrokenError, MismatchError, RemoteAbortError
 from ._ops import ReduceOp
 from ._shm_doorbell import SLEEP_SLICE_S, SPIN_S, Doorbell, fence, spin_until
 from ._shm_layout import A, B, F, GroupSegment, segment_bytes
