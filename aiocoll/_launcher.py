@@ -576,6 +576,12 @@ async def launch(
     if not grace >= 0:
         raise ValueError(f"grace must be >= 0, got {grace}")
     job_id = secrets.token_hex(8)
+    try:  # shared-memory segments of ranks that die mid-setup are removed once the job ends
+        from ._shm_segment import cleanup_job
+    except ImportError:  # pragma: no cover - platforms without the shm transport
+        pass
+    else:
+        register_cleanup(cleanup_job)
     envs = _rank_environments(
         os.environ if env is None else env,
         nprocs,
@@ -586,7 +592,8 @@ async def launch(
     )
     job = _Job(
         # through aiocoll._rank, which installs the preferred event loop (uvloop) first
-        [python, "-m", "aiocoll._rank", *argv],
+        # -P: the working directory must not shadow the aiocoll this launcher runs (a checkout)
+        [python, "-P", "-m", "aiocoll._rank", *argv],
         envs,
         job_id,
         grace=grace,

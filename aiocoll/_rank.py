@@ -25,12 +25,12 @@ def main() -> None:
         if len(args) < 2:
             raise SystemExit("-m needs a module name")
         sys.argv = [args[1], *args[2:]]
-        sys.path.insert(0, os.getcwd())
+        sys.path.insert(0, os.getcwd())  # as `python -m module` would (we start with -P)
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
     else:
         script = args[0]
         sys.argv = list(args)
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script.py` would
         runpy.run_path(script, run_name="__main__")
 
 
