@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _reference import data as np_data
+from _reference import in_thread  # noqa: F401  (re-exported for the torch tests)
 from _reference import reduce_ref
 
 TORCH_DTYPES = [
@@ -83,27 +84,6 @@ def assert_tensor_close(got: Any, want: np.ndarray, dtype: torch.dtype, world_si
         np.testing.assert_array_equal(g, want)
 
 
-async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run the blocking ``fn`` on a new thread, in a copy of this context (the rank's world), while
-    the event loop goes on serving the collectives."""
-    import asyncio
-    import contextvars
-    import threading
-
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    ctx = contextvars.copy_context()
-
-    def target() -> None:
-        try:
-            result = ctx.run(fn, *args, **kwargs)
-        except BaseException as exc:  # handed back to the awaiting task
-            loop.call_soon_threadsafe(fut.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(fut.set_result, result)
-
-    threading.Thread(target=target, daemon=True).start()
-    return await fut
 
 
 async def blocking_ranks(fn: Any, world_size: int) -> list[Any]:

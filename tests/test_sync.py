@@ -6,7 +6,6 @@ processes over TCP for the whole path."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import os
 import subprocess
 import sys
@@ -23,28 +22,9 @@ import aiocoll
 import aiocoll.sync as coll
 from aiocoll.testing import run_ranks
 
-from _reference import DTYPES, OPS, assert_reduced, data, op_valid, reduce_ref
+from _reference import DTYPES, OPS, assert_reduced, data, in_thread, op_valid, reduce_ref
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` on a new thread in a copy of this context (the rank's world), without
-    holding up the event loop."""
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    ctx = contextvars.copy_context()
-
-    def target() -> None:
-        try:
-            result = ctx.run(fn, *args, **kwargs)
-        except BaseException as exc:  # handed back to the awaiting task
-            loop.call_soon_threadsafe(fut.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(fut.set_result, result)
-
-    threading.Thread(target=target, daemon=True).start()
-    return await fut
 
 
 async def sync_ranks(fn: Callable[[int], Any], world_size: int) -> list[Any]:
