@@ -60,6 +60,17 @@ class Wait:
 Algorithm = Generator[Wait, None, int]
 
 
+def _two_stage(rounds: int, first: Callable[[int], Algorithm], second: Callable[[int], Algorithm]) -> Algorithm:
+    """Software pipeline of ``rounds`` chunks: stage one of chunk i runs before stage two of
+    chunk i - 1, so one chunk is being staged while the previous one is consumed."""
+    for i in range(rounds + 1):
+        if i < rounds:
+            yield from first(i)
+        if i >= 1:
+            yield from second(i - 1)
+    return rounds
+
+
 @dataclass
 class Context:
     """What an algorithm works with: the segment, who this is, where its rounds start, and how
@@ -247,12 +258,7 @@ def reduce_scatter_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Arr
         ctx.publish((B, F), g + 1)
         return 0
 
-    for i in range(R + 1):
-        if i < R:
-            yield from copy_in(i)
-        if i >= 1:
-            yield from reduce(i - 1)
-    return R
+    return (yield from _two_stage(R, copy_in, reduce))
 
 
 # --------------------------------------------------------------------------- all_gather
@@ -289,12 +295,7 @@ def all_gather_pipelined(ctx: Context, x: Array, out: Array) -> Algorithm:
         ctx.publish((B, F), g + 1)
         return 0
 
-    for i in range(R + 1):
-        if i < R:
-            yield from copy_in(i)
-        if i >= 1:
-            yield from copy_out(i - 1)
-    return R
+    return (yield from _two_stage(R, copy_in, copy_out))
 
 
 # --------------------------------------------------------------------------- broadcast
