@@ -73,7 +73,7 @@ def test_compare_gloo_adds_its_time_and_the_ratio(capsys):
 
 
 @pytest.mark.skipif(
-    shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None, reason="needs mpirun and mpi4py"
+    shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None, reason="needs mpirun and mpi4py (not in the [test] extra); runs where Open MPI is installed, e.g. the device machine via scripts/device_cpu_bench.sh"
 )
 def test_compare_mpi(capsys):
     code = _bench.main(["-n", "2", "--sizes", "4", "--target-s", "0.02", "--compare", "mpi"])

@@ -333,7 +333,7 @@ async def test_engines_and_their_threads_end_with_the_world(monkeypatch):
 
 
 async def test_torch_bfloat16_through_the_fast_path():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up (.ci/run) installs the CPU build")
 
     async def body(rank):
         x = torch.full((3000,), 0.5 + rank, dtype=torch.bfloat16)
@@ -344,7 +344,7 @@ async def test_torch_bfloat16_through_the_fast_path():
 
 
 async def test_auto_links_ranks_of_one_host_by_shm_and_the_rest_by_tcp(monkeypatch):
-    pytest.importorskip("aiocoll.transports.tcp")
+    pytest.importorskip("aiocoll.transports.tcp", reason="the tcp transport ships with aiocoll; runs everywhere")
     from aiocoll import _world
 
     def fake_host_key() -> str:

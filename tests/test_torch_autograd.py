@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up (.ci/run) installs the CPU build")
 
 import aiocoll.sync  # noqa: E402
 import aiocoll.torch as ft  # noqa: E402

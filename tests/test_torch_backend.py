@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up (.ci/run) installs the CPU build")
 if not torch.distributed.is_available():  # pragma: no cover - builds without distributed
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 

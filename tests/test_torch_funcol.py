@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up (.ci/run) installs the CPU build")
 
 import aiocoll  # noqa: E402
 import aiocoll.torch as ft  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up (.ci/run) installs the CPU build")
 
 REPO = Path(__file__).resolve().parents[1]
 # Each process imports torch: a few seconds apiece, so a few combinations only.
