@@ -4,6 +4,9 @@ A group is a name, a tag, its ranks in group-rank order, and a 64-bit id that ev
 derives on its own from (ranks, tag, how many untagged groups of those ranks it made before).
 Creating one therefore needs no collective and no new connection: all groups share the world's
 connections, and frames are told apart by the group id in their key.
+
+A group may hold a same-host engine (``aiocoll._fastpath``): a shared segment, a doorbell and
+perhaps a thread. It lets them go when it is freed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._shm_engine import ShmEngine
     from ._world import World
 
 
@@ -48,6 +52,9 @@ class ProcessGroup:
         self._seq = 0
         self.p2p_sent: Counter[tuple[int, int]] = Counter()
         self.p2p_received: Counter[tuple[int, int]] = Counter()
+        #: Its same-host engine once decided (``aiocoll._fastpath``); None if it has none.
+        self.fast_engine: ShmEngine | None = None
+        self.fast_decided = False
 
     @property
     def world(self) -> World:
