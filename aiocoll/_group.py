@@ -6,7 +6,7 @@ Creating one therefore needs no collective and no new connection: all groups sha
 connections, and frames are told apart by the group id in their key.
 
 A group may hold a same-host engine (``aiocoll._fastpath``): a shared segment, a doorbell and
-perhaps a thread. It lets them go when it is freed.
+perhaps a thread. It lets them go when it is destroyed (``aiocoll.destroy_group``) or freed.
 """
 
 from __future__ import annotations
@@ -55,10 +55,27 @@ class ProcessGroup:
         #: Its same-host engine once decided (``aiocoll._fastpath``); None if it has none.
         self.fast_engine: ShmEngine | None = None
         self.fast_decided = False
+        self._destroyed = False
 
     @property
     def world(self) -> World:
+        """The world this group belongs to.
+
+        Raises:
+            ValueError: the group was destroyed (``aiocoll.destroy_group``): every collective
+                on it gets this error before it starts.
+        """
+        if self._destroyed:
+            raise ValueError(
+                f"{self.name} was destroyed by aiocoll.destroy_group; make a new group "
+                "(new_group) to run collectives on these ranks again"
+            )
         return self._world
+
+    @property
+    def destroyed(self) -> bool:
+        """Whether ``aiocoll.destroy_group`` has been called on this group."""
+        return self._destroyed
 
     def next_seq(self) -> int:
         """The sequence number of the next collective (call it before any await)."""
@@ -91,4 +108,5 @@ class ProcessGroup:
         return self.rank >= 0
 
     def __repr__(self) -> str:
-        return f"<ProcessGroup {self.name} rank {self.rank} of {self.size}>"
+        gone = " (destroyed)" if self._destroyed else ""
+        return f"<ProcessGroup {self.name} rank {self.rank} of {self.size}{gone}>"
