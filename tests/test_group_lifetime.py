@@ -69,6 +69,7 @@ CYCLES_SCRIPT = textwrap.dedent(
         small, big = np.full(100, rank + 1, np.float32), np.full(1 << 18, rank + 1, np.float32)
         y = await aiocoll.all_reduce(big)  # the world's segment is made (and touched) before we count
         before = sample()
+        await aiocoll.barrier()  # nobody passes us the first group's segment before we have counted
         peak = dict(before)
         for i in range(cycles):
             g = aiocoll.new_group(range(size), tag=f"t{i % 7}" if mode == "tagged" else None)
@@ -97,6 +98,7 @@ CYCLES_SCRIPT = textwrap.dedent(
         x = np.full(100, rank + 1, np.float32)
         coll.all_reduce(x)
         before = sample()
+        coll.barrier()  # nobody passes us the first group's segment before we have counted
         peak = dict(before)
         for i in range(cycles):
             g = coll.new_group(range(size))
