@@ -20,12 +20,12 @@ frees both when the last process holding them exits.
 The socket does four jobs besides the handshake: it is the doorbell in both directions (one
 byte, sent only when the other side has said, in the ring, that it is going to sleep), it lets
 the event loop wait with ``add_reader`` instead of polling, its end-of-file tells a reader that
-the writer is gone, and it carries descriptors from writer to reader (``send_fd``): the same-host
-fast path hands each member its group's segment this way, so that segment never has a name
-either. A received descriptor waits in the transport until claimed (``take_fds``) and is
-closed with the transport if nobody claims it. A writer that closes on purpose first sets the ring's goodbye flag, so
-``peer_lost(peer, None)`` means "closed", and an end-of-file without goodbye (crash, SIGKILL,
-``abort()``) is reported as a TransportError.
+the writer is gone, and it carries descriptors from writer to reader (``send_fd``): the
+same-host fast path hands each member its group's segment this way, so that segment never has a
+name either. A received descriptor waits in the transport until claimed (``take_fds``) and is
+closed with the transport if nobody claims it. A writer that closes on purpose first sets the
+ring's goodbye flag, so ``peer_lost(peer, None)`` means "closed", and an end-of-file without
+goodbye (crash, SIGKILL, ``abort()``) is reported as a TransportError.
 
 Waiting: before sleeping, each side spins for a bounded time (``spin_us``) when the other side
 is known to be mid-frame, because a wake-up through the socket and the event loop costs tens of
