@@ -47,6 +47,7 @@ from ._errors import (  # noqa: E402
 )
 from ._group import ProcessGroup  # noqa: E402
 from ._groups_api import (  # noqa: E402
+    destroy_group,
     expand_group,
     find_group,
     find_or_create_group,
@@ -93,6 +94,7 @@ __all__ = [
     "find_group",
     "find_or_create_group",
     "new_subgroups",
+    "destroy_group",
     "expand_group",
     "DeviceMesh",
     "init_device_mesh",

@@ -19,10 +19,20 @@ The choice must come out the same on every member, since the two paths do not ta
 other: it depends only on the group, the size and these settings, so set them alike on every
 rank (``aiocoll run`` passes the environment to all ranks). A member that chose differently is
 reported as a mismatch or a timeout, never as a wrong result.
+
+Lifetime. A group's engine (its segment, doorbell and thread) is released when the group is
+(``release``): by ``destroy_group``, or, for a group the registry does not keep (see
+``aiocoll._group_registry``), when nothing references it any more. Either way this member can
+never issue another collective on the group, so releasing cannot put the members out of step:
+every member that still runs one either finishes it (the segment lives as long as anyone maps
+it) or is waiting for a member that has left, and times out naming it. Nothing is released on
+one member's whim (no cache that evicts), and an engine is never made twice for one group.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import weakref
 from collections.abc import Mapping
@@ -40,10 +50,6 @@ MAX_MEMBERS = 128
 
 _enabled: bool | None = None  # None: from the environment
 _min_bytes: dict[str, int] = {}
-_engines: weakref.WeakKeyDictionary[Any, dict[int, ShmEngine]] = weakref.WeakKeyDictionary()
-# Per group: its engine, or None when the group cannot use one. Links never change after init,
-# so this is decided once; it is the price of a dictionary lookup per collective afterwards.
-_decided: weakref.WeakKeyDictionary[ProcessGroup, ShmEngine | None] = weakref.WeakKeyDictionary()
 _settings: tuple[bool, dict[str, int]] | None = None  # (enabled, minimum bytes) as last read
 
 
@@ -111,18 +117,19 @@ def fastpath_for(group: ProcessGroup, collective: str, nbytes: int) -> ShmEngine
     """The engine to run ``collective`` of ``nbytes`` per member on ``group``, or None.
 
     Raises:
-        ValueError: a malformed AIOCOLL_SHM_FASTPATH* variable.
+        ValueError: a malformed AIOCOLL_SHM_FASTPATH* variable; ``group`` was destroyed.
     """
     if not 2 <= group.size <= MAX_MEMBERS:
         return None
     enabled, minimum = _read_settings()
     if not enabled or nbytes < minimum.get(collective, 1 << 62):
         return None
-    if group in _decided:
-        engine = _decided[group]
-        if engine is None or not engine.closed:
-            return engine
-    engine = _decided[group] = _engine(group)
+    # Links never change after init, so whether the group can have an engine is decided once
+    # (on the group itself: a lookup per collective afterwards).
+    if group.fast_decided:
+        return group.fast_engine
+    engine = _engine(group)
+    group.fast_engine, group.fast_decided = engine, True
     return engine
 
 
@@ -134,19 +141,39 @@ def _engine(group: ProcessGroup) -> ShmEngine | None:
     transport = _shm_transport(group)
     if transport is None:
         return None
-    engines = _engines.setdefault(transport, {})
-    engine = engines.get(group.gid)
-    if engine is None or engine.closed:
-        from ._shm_engine import ShmEngine
+    from ._shm_engine import ShmEngine
 
-        def forget(e: ShmEngine) -> None:
-            if engines.get(e.gid) is e:
-                del engines[e.gid]
+    def forget(e: ShmEngine) -> None:
+        with contextlib.suppress(ValueError):  # gone already when the transport runs its closers
+            transport.closers.remove(e.close)
 
-        engine = ShmEngine(group, on_close=forget)
-        engines[group.gid] = engine
-        transport.closers.append(engine.close)
+    engine = ShmEngine(group, transport, on_close=forget)
+    transport.closers.append(engine.close)
+    # The finalizer holds the engine, never the group: it runs when the group is freed.
+    done = weakref.finalize(group, _retire_soon, engine, asyncio.get_running_loop())
+    done.atexit = False
     return engine
 
 
-__all__ = ["COLLECTIVES", "configure", "fastpath_for", "reload_settings"]
+def _retire_soon(engine: ShmEngine, loop: asyncio.AbstractEventLoop) -> None:
+    # The last reference may go in any thread (a sync API caller's), or inside the garbage
+    # collector in the middle of other code of the loop: close the engine on its loop, on a
+    # turn of its own.
+    try:
+        loop.call_soon_threadsafe(engine.retire)
+    except RuntimeError:  # the loop is closed: nothing else can be using the engine
+        engine.retire()
+
+
+def release(group: ProcessGroup, why: str) -> None:
+    """Release ``group``'s engine, once the operations it is running have finished.
+
+    The group keeps the closed engine: a collective that still reaches it raises
+    GroupBrokenError saying ``why`` instead of quietly taking the message-passing path.
+    """
+    engine = group.fast_engine
+    if engine is not None:
+        engine.retire(why)
+
+
+__all__ = ["COLLECTIVES", "configure", "fastpath_for", "release", "reload_settings"]

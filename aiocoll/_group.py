@@ -4,6 +4,9 @@ A group is a name, a tag, its ranks in group-rank order, and a 64-bit id that ev
 derives on its own from (ranks, tag, how many untagged groups of those ranks it made before).
 Creating one therefore needs no collective and no new connection: all groups share the world's
 connections, and frames are told apart by the group id in their key.
+
+A group may hold a same-host engine (``aiocoll._fastpath``): a shared segment, a doorbell and
+perhaps a thread. It lets them go when it is destroyed (``aiocoll.destroy_group``) or freed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._shm_engine import ShmEngine
     from ._world import World
 
 
@@ -48,10 +52,30 @@ class ProcessGroup:
         self._seq = 0
         self.p2p_sent: Counter[tuple[int, int]] = Counter()
         self.p2p_received: Counter[tuple[int, int]] = Counter()
+        #: Its same-host engine once decided (``aiocoll._fastpath``); None if it has none.
+        self.fast_engine: ShmEngine | None = None
+        self.fast_decided = False
+        self._destroyed = False
 
     @property
     def world(self) -> World:
+        """The world this group belongs to.
+
+        Raises:
+            ValueError: the group was destroyed (``aiocoll.destroy_group``): every collective
+                on it gets this error before it starts.
+        """
+        if self._destroyed:
+            raise ValueError(
+                f"{self.name} was destroyed by aiocoll.destroy_group; make a new group "
+                "(new_group) to run collectives on these ranks again"
+            )
         return self._world
+
+    @property
+    def destroyed(self) -> bool:
+        """Whether ``aiocoll.destroy_group`` has been called on this group."""
+        return self._destroyed
 
     def next_seq(self) -> int:
         """The sequence number of the next collective (call it before any await)."""
@@ -84,4 +108,5 @@ class ProcessGroup:
         return self.rank >= 0
 
     def __repr__(self) -> str:
-        return f"<ProcessGroup {self.name} rank {self.rank} of {self.size}>"
+        gone = " (destroyed)" if self._destroyed else ""
+        return f"<ProcessGroup {self.name} rank {self.rank} of {self.size}{gone}>"

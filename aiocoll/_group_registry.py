@@ -9,10 +9,22 @@ Rules (SPEC section 3):
   for all ranks that is the world, which the world adds first.
 - An untagged group still round-trips through ``expand_group`` and ``find``: it is known by the
   reserved tag ``"untagged:<name>"`` (``untagged_tag``), which names this exact instance.
+
+What the registry keeps alive, and why. Tagged groups, always: asking again must give the same
+group, with the same sequence numbers, on every member, whenever each member asks. The first
+untagged group of each set of ranks, likewise: it is what ``find(ranks, "")`` and a rank list
+given as ``group=`` stand for (the world, for all ranks). Every other untagged group only as
+long as the program references it: nobody can ask for it again, so once it is unreferenced it is
+freed with its same-host engine (segment, doorbell, thread), on each member when that member
+drops it. Lookups never see such a group once its program has dropped it, so what members find
+never depends on when a garbage collector ran. ``remove`` (``destroy_group``) lets go of any
+group but the world; the same tag and ranks then give a new group with a new id (its
+*incarnation* counts in the id), which works even if the destroyed one was broken.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -61,14 +73,15 @@ def untagged_tag(group: ProcessGroup) -> str:
 
 
 class GroupRegistry:
-    """Every group this rank made, by (sorted ranks, tag) and by name."""
+    """Every live group this rank made, by (sorted ranks, tag) and by name."""
 
     def __init__(self, world: World) -> None:
         self._world = world
         self._tagged: dict[tuple[tuple[int, ...], str], ProcessGroup] = {}
-        self._untagged: dict[tuple[int, ...], list[ProcessGroup]] = {}
-        self._by_name: dict[str, ProcessGroup] = {}
+        self._first: dict[tuple[int, ...], ProcessGroup] = {}  # the untagged group find() returns
+        self._by_name: weakref.WeakValueDictionary[str, ProcessGroup] = weakref.WeakValueDictionary()
         self._instances: Counter[tuple[int, ...]] = Counter()
+        self._incarnations: Counter[tuple[tuple[int, ...], str]] = Counter()
 
     def check_ranks(self, ranks: Iterable[Any]) -> tuple[int, ...]:
         """``ranks`` validated and sorted.
@@ -105,9 +118,22 @@ class GroupRegistry:
                 raise ValueError(f"a group tagged {group.tag!r} with ranks {list(key)} already exists")
             self._tagged[(key, group.tag)] = group
         else:
-            self._untagged.setdefault(key, []).append(group)
+            self._first.setdefault(key, group)
         self._by_name[group.name] = group
         return group
+
+    def remove(self, group: ProcessGroup) -> None:
+        """Forget ``group`` (``destroy_group``): lookups no longer find it, and the same tag and
+        ranks make a new group with a new id."""
+        key = tuple(sorted(group.ranks))
+        if group.tag:
+            if self._tagged.get((key, group.tag)) is group:
+                del self._tagged[(key, group.tag)]
+                self._incarnations[(key, group.tag)] += 1
+        elif self._first.get(key) is group:
+            del self._first[key]
+        if self._by_name.get(group.name) is group:
+            del self._by_name[group.name]
 
     def new_group(self, ranks: Iterable[Any], tag: str | None = "", name: str = "") -> ProcessGroup:
         """A group of ``ranks``: the existing one for a known (ranks, tag), else a new one.
@@ -134,7 +160,7 @@ class GroupRegistry:
                         f"named {existing.name!r}, not {name!r}"
                     )
                 return existing
-            n = 0
+            n = self._incarnations[(sorted_ranks, tag)]
         else:
             n = self._instances[sorted_ranks]
         if not name:
@@ -166,8 +192,7 @@ class GroupRegistry:
             return group
         if tag:
             return self._tagged.get((sorted_ranks, tag))
-        found = self._untagged.get(sorted_ranks)
-        return found[0] if found else None
+        return self._first.get(sorted_ranks)
 
     def find_or_create(self, ranks: Iterable[Any], tag: str) -> ProcessGroup:
         """The group of ``ranks`` and ``tag``, created if needed.
@@ -195,6 +220,7 @@ class GroupRegistry:
         return self._by_name.get(name)
 
     def __iter__(self) -> Iterator[ProcessGroup]:
+        """The groups alive now."""
         return iter(list(self._by_name.values()))
 
     def __len__(self) -> int:

@@ -1,5 +1,6 @@
-"""Public group functions. Plain functions: making or finding a group needs no collective, no
-new connection and no world-wide call order; every member derives the same group id alone.
+"""Public group functions. Plain functions: making, finding or destroying a group needs no
+collective, no new connection and no world-wide call order; every member derives the same group
+id alone.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _fastpath
 from ._group import ProcessGroup
 from ._group_forms import expand_group as _expand_group
 from ._group_forms import resolve_group
@@ -110,3 +112,45 @@ def expand_group(group: Any, tag: str = "") -> tuple[str, list[int], int]:
         NotInitializedError: a group name or None before ``aiocoll.init``.
     """
     return _expand_group(group, tag)
+
+
+def destroy_group(group: ProcessGroup | str) -> None:
+    """Release ``group`` on this rank: its shared-memory segment, doorbell and worker thread.
+
+    Like ``torch.distributed.destroy_process_group(group)``: every member calls it, after the
+    last collective it starts on the group. Local: no collective, no waiting. Collectives
+    already running on the group finish first; then what it holds is released. Afterwards
+    every collective on the group raises ValueError before it starts, lookups no longer find
+    it, and ``new_group`` with the same tag and ranks makes a new group (a new id, so it works
+    even if the destroyed one was broken). Destroying a group twice does nothing.
+
+    Untagged groups other than the first of their ranks are also released when nothing
+    references them any more; tagged groups live until this is called (or the world ends),
+    because the same tag must give the same group on every member.
+
+    Args:
+        group: a ProcessGroup or a group's name.
+
+    Raises:
+        TypeError: ``group`` is neither a ProcessGroup nor a name.
+        ValueError: ``group`` is the world (end it with ``aiocoll.destroy()``), an unknown
+            name, or a group of another world.
+        NotInitializedError: before ``aiocoll.init``.
+    """
+    world = current_world()
+    if isinstance(group, str):
+        found = world.registry.by_name(group)
+        if found is None:
+            raise ValueError(f"no group named {group!r}")
+        group = found
+    elif not isinstance(group, ProcessGroup):
+        raise TypeError(f"destroy_group takes a ProcessGroup or a group name, got {type(group).__name__}")
+    if group.destroyed:
+        return
+    if group._world is not world:
+        raise ValueError(f"{group.name} belongs to another world (one destroyed, or another rank's in a test harness)")
+    if group is world.group:
+        raise ValueError("the world group cannot be destroyed on its own: end the world with aiocoll.destroy()")
+    world.registry.remove(group)
+    group._destroyed = True
+    _fastpath.release(group, f"{group.name} was destroyed (aiocoll.destroy_group)")

@@ -1,19 +1,24 @@
 """The same-host engine of one group: its segment, its doorbell, and the drivers of its algorithms.
 
 Lifecycle. The engine is made on the group's first fast-path collective and lives as long as
-the shm transport (it is one of the transport's ``closers``). That first collective also sets
-the segment up, by message over the group's ordinary links, at the collective's own sequence
-number::
+its group: until ``destroy_group``, until the group is no longer referenced (see
+``aiocoll._fastpath``), or until the shm transport closes (it is one of the transport's
+``closers``), whichever comes first; operations already running finish before it closes
+(``retire``). That first collective also sets the segment up at the collective's own sequence
+number, so every member does it at the same point of its call order::
 
-    group rank 0: create /dev/shm/aiocoll-<job>-<pid>-g<gid>-<rand>, write the header, attach
-                  -> the name to every member                   (frame step 0)
-    member p:     open and map it, check the header, attach (pid, doorbell name)
-                  -> "attached" to rank 0                       (frame step 0)
-    rank 0:       every member attached: unlink the name
+    group rank 0: memfd_create (no name anywhere), write the header (group id, random token),
+                  map it, attach (pid, doorbell name)
+                  -> the descriptor to every member, over the link's Unix socket (SCM_RIGHTS)
+                  -> then (gid, token, size) to every member     (frame step 0)
+    member p:     take the descriptor that matches (gid, token) from what the socket brought,
+                  map it, check the header, attach, close the descriptor
 
-From then on the name is gone and the memory lives exactly as long as the mappings. Anyone who
-fails during setup unlinks the name (all members know it); the launcher's cleanup hook and
-``sweep_stale`` catch the case where everyone died in those milliseconds.
+Nothing is ever named, so a crash or SIGKILL at any point leaves nothing behind: the kernel
+frees the memory when the last process holding a descriptor or mapping is gone. A descriptor
+that arrived for a setup that failed stays with the transport until this group's engine closes
+or the transport does. Pages are committed as collectives touch them: a group that only ever
+runs small collectives costs a few pages per member, not the whole segment.
 
 Operations run one at a time per group, in the order they were called (the same order on every
 member, which is what makes the shared counters meaningful). Each is registered with the
@@ -42,6 +47,8 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,22 +59,30 @@ import numpy as np
 from . import _shm_algorithms as algo
 from ._comm import ActiveOp
 from ._dtypes import WireDtype
-from ._errors import CollectiveTimeoutError, GroupBrokenError, MismatchError, RemoteAbortError
+from ._errors import (
+    CollectiveTimeoutError,
+    GroupBrokenError,
+    MismatchError,
+    PeerFailureError,
+    RemoteAbortError,
+    TransportError,
+)
 from ._ops import ReduceOp
 from ._shm_doorbell import SLEEP_SLICE_S, SPIN_S, Doorbell, fence, spin_until
-from ._shm_layout import A, B, F, GroupSegment, segment_bytes
-from ._shm_segment import create_named, open_named, unlink_named
+from ._shm_layout import A, B, F, GroupSegment, peek, segment_bytes
+from ._shm_segment import create_anonymous, map_fd
 from ._wire import FrameKey, Kind
 
 if TYPE_CHECKING:
     from ._group import ProcessGroup
+    from .transports.shm import ShmTransport
 
 log = logging.getLogger("aiocoll")
 
 Array = np.ndarray[Any, Any]
 
-#: Bytes of the name message of the setup exchange.
-_NAME_BYTES = 128
+#: The setup frame: group id, token and size of the segment whose descriptor went ahead of it.
+_OFFER = struct.Struct("<QQQ")
 #: How long a loop-driven operation may keep the event loop before giving other tasks a turn.
 YIELD_S = 0.001
 
@@ -131,7 +146,13 @@ class _Stopped(Exception):
 class ShmEngine:
     """Runs the fast-path collectives of one group whose members all share this host."""
 
-    def __init__(self, group: ProcessGroup, *, on_close: Callable[[ShmEngine], None] | None = None) -> None:
+    def __init__(
+        self,
+        group: ProcessGroup,
+        transport: ShmTransport,
+        *,
+        on_close: Callable[[ShmEngine], None] | None = None,
+    ) -> None:
         from ._world import in_harness
 
         self.gid = group.gid
@@ -150,6 +171,9 @@ class ShmEngine:
         self._base = 0
         self._broken: str | None = None
         self._closed = False
+        self._closed_why = "the shm transport closed"
+        self._retiring: str | None = None  # close once idle, for this reason
+        self._transport = transport
         self._waiting: algo.Wait | None = None
         self._unheard: list[tuple[int, asyncio.Future[Any]]] = []  # setup messages awaited
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -250,7 +274,7 @@ class ShmEngine:
                 await self._acquire(deadline)
                 try:
                     if self._broken is not None or self._closed:
-                        why = self._broken or "the shm transport closed"
+                        why = self._broken or self._closed_why
                         raise active.error(GroupBrokenError, f"group is broken: {why}", ())
                     if self._seg is None:
                         async with asyncio.timeout_at(deadline):
@@ -319,6 +343,8 @@ class ShmEngine:
                 fut.set_result(None)  # ownership passes straight to the next in line
                 return
         self._busy = False
+        if self._retiring is not None:
+            self.close(why=self._retiring)
 
     # ------------------------------------------------------------------ small all_reduce
     def _views(self, dtype: np.dtype[Any], slot: int) -> list[Array]:
@@ -348,16 +374,18 @@ class ShmEngine:
         slot = g % seg.depth
         others = self._others
         n = x.size
-        views = self._views(x.dtype, slot)
-        np.copyto(views[self.rank][:n], x)
+        np.copyto(self._views(x.dtype, slot)[self.rank][:n], x)
         self._publish((A,), g + 1)
         arrived = algo.Wait(A, g + 1, others, first=True)
         if not self._satisfied(arrived):
+            # No view of the segment is held across this wait: an error raised here keeps this
+            # frame alive in its traceback, and a view in it would keep the segment mapped
+            # after the engine closes.
             await self._wait_async(arrived, active, deadline)
         self._check_descriptors(arrived, desc, active)
         if n:
             # Own input from the slot too: ``out`` may be ``x`` (all_reduce with out=x).
-            algo.fold(op, code, [v[:n] for v in views], out)
+            algo.fold(op, code, [v[:n] for v in self._views(x.dtype, slot)], out)
         self._publish((B, F), g + 1)
 
     def _timeout_error(self, active: ActiveOp, name: str, timeout: float) -> CollectiveTimeoutError:
@@ -379,48 +407,50 @@ class ShmEngine:
         comm = g.world.comm
         key = FrameKey(g.gid, seq, 0, int(kind), op, int(code), 0, count)
         bell = Doorbell()
-        name: str | None = None
+        fd = -1
         seg: GroupSegment | None = None
         try:
             if g.rank == 0:
                 depth = default_depth()
                 part = default_part_bytes(g.size, depth)
-                name, mm = create_named(f"g{g.gid:016x}", segment_bytes(g.size, part, depth))
+                size = segment_bytes(g.size, part, depth)
+                token = secrets.randbits(64) | 1
+                fd = create_anonymous(size, f"g{g.gid:016x}")
+                mm = map_fd(fd, size)
                 try:
                     seg = GroupSegment(
-                        mm, world=g.size, part=part, depth=depth, direct_max=default_direct_max(g.size, part)
+                        mm, world=g.size, part=part, depth=depth, direct_max=default_direct_max(g.size, part),
+                        gid=g.gid, token=token,
                     )
                 except BaseException:
                     mm.close()
                     raise
                 seg.attach(0, bell.name)
-                payload = memoryview(name.encode().ljust(_NAME_BYTES, b"\0"))
-                acks = [bytearray(_NAME_BYTES) for _ in range(g.size - 1)]
-                self._unheard = [
-                    (g.ranks[p], comm.post_recv(g.ranks[p], key, memoryview(acks[p - 1]), active))
-                    for p in range(1, g.size)
-                ]
-                waiters = [fut for _, fut in self._unheard]
-                waiters += [comm.spawn(comm.send(g.ranks[p], key, payload)) for p in range(1, g.size)]
-                await self._wait_messages(waiters, active)
-                unlink_named(name)
-                name = None
+                for p in range(1, g.size):
+                    try:
+                        await self._transport.send_fd(g.ranks[p], fd)
+                    except TransportError as exc:
+                        raise active.error(PeerFailureError, f"rank {g.ranks[p]}: {exc}", (g.ranks[p],)) from None
+                os.close(fd)
+                fd = -1
+                # After the descriptors: a member that reads this frame already has its one.
+                offer = memoryview(_OFFER.pack(g.gid, token, size))
+                await self._wait_messages([comm.spawn(comm.send(g.ranks[p], key, offer)) for p in range(1, g.size)], active)
             else:
-                got = bytearray(_NAME_BYTES)
+                got = bytearray(_OFFER.size)
                 self._unheard = [(g.ranks[0], comm.post_recv(g.ranks[0], key, memoryview(got), active))]
                 await self._wait_messages([self._unheard[0][1]], active)
-                name = bytes(got).rstrip(b"\0").decode()
-                try:
-                    mm = open_named(name, 0)
-                except FileNotFoundError:
-                    # Rank 0 gave up (cancelled or timed out) after sending the name and unlinked
-                    # it; its abort is on the way. Say so as the collective error it is.
-                    name = None
+                gid, token, size = _OFFER.unpack(got)
+                fd = self._take_segment_fd(g.ranks[0], token)
+                if fd < 0 or gid != g.gid:
                     raise active.error(
                         RemoteAbortError,
-                        f"rank {g.ranks[0]} abandoned the group's shared segment before this rank opened it",
+                        f"rank {g.ranks[0]} announced the group's shared segment but its descriptor never came",
                         (g.ranks[0],),
-                    ) from None
+                    )
+                mm = map_fd(fd, size)
+                os.close(fd)
+                fd = -1
                 try:
                     seg = GroupSegment(mm)
                 except BaseException:
@@ -431,18 +461,42 @@ class ShmEngine:
                         MismatchError, f"rank {g.ranks[0]} made a segment for {seg.world} members, not {g.size}", (g.ranks[0],)
                     )
                 seg.attach(g.rank, bell.name)
-                name = None  # rank 0 unlinks it once everyone has attached
-                await self._wait_messages([comm.spawn(comm.send(g.ranks[0], key, memoryview(bytes(_NAME_BYTES))))], active)
         except BaseException:
-            if name is not None:
-                with contextlib.suppress(OSError):
-                    unlink_named(name)
+            if fd >= 0:
+                os.close(fd)
             if seg is not None:
                 seg.close()
             bell.close()
             raise
         self._unheard = []
         self._seg, self._bell = seg, bell
+
+    def _take_segment_fd(self, creator: int, token: int) -> int:
+        """The descriptor ``creator`` passed for this group's segment with ``token``, or -1.
+        Any other one it passed for this group (a setup that failed) is closed."""
+
+        def ours(peer: int, fd: int) -> bool:
+            head = peek(fd)
+            return peer == creator and head is not None and head[0] == self.gid
+
+        found = -1
+        for fd in self._transport.take_fds(ours, poll=(creator,)):
+            head = peek(fd)
+            if found < 0 and head is not None and head[1] == token:
+                found = fd
+            else:
+                os.close(fd)
+        return found
+
+    def _discard_segment_fds(self) -> None:
+        """Close descriptors passed for this group's segment that no setup took."""
+
+        def ours(peer: int, fd: int) -> bool:
+            head = peek(fd)
+            return head is not None and head[0] == self.gid
+
+        for fd in self._transport.take_fds(ours):
+            os.close(fd)
 
     async def _wait_messages(self, waiters: list[asyncio.Future[Any]], active: ActiveOp) -> None:
         both = asyncio.gather(*waiters)
@@ -620,11 +674,21 @@ class ShmEngine:
         self._waiting = None
 
     # ------------------------------------------------------------------ lifetime
-    def close(self, abort: bool = False) -> None:
+    def retire(self, why: str = "the group was released") -> None:
+        """Close once the operations already running or queued have finished: the group is
+        gone (destroyed, or no longer referenced), so nothing new can start."""
+        if self._closed:
+            return
+        self._retiring = why
+        if not self._busy and not self._queue:
+            self.close(why=why)
+
+    def close(self, abort: bool = False, *, why: str = "the shm transport closed") -> None:
         """Release the segment, doorbell and worker thread (an operation in flight fails)."""
         if self._closed:
             return
         self._closed = True
+        self._closed_why = why
         self._stop.set()
         if self._bell is not None:
             self._bell.ring(self._bell.name)
@@ -633,11 +697,12 @@ class ShmEngine:
         self._typed.clear()
         if self._seg is not None:
             if not self._seg.close():
-                log.debug("shm engine of %s: segment still in use, unmapped later", self.name)
+                log.warning("shm engine of %s: a view of its segment is still in use; unmapped when it is freed", self.name)
             self._seg = None
         if self._bell is not None:
             self._bell.close()
             self._bell = None
+        self._discard_segment_fds()
         if self._on_close is not None:
             self._on_close(self)
 

@@ -2,7 +2,8 @@
 
 One segment per group, made by group rank 0 and mapped by every member::
 
-    0            header: magic, version, world, part bytes C, depth D, size (one page)
+    0            header: magic, version, world, part bytes C, depth D, size, the largest
+                 one-round all_reduce, group id, setup token (one page)
     4096         control block of each member, 1024 bytes, written by that member only:
                    +0   A  rounds whose input this member has published
                    +64  B  rounds whose reduced part this member has published
@@ -24,7 +25,9 @@ for nobody) cannot overwrite a descriptor that a slower member has yet to check.
 
 The creator's header also fixes the tunables that every member must agree on (part size,
 depth, the largest all_reduce done in one round), so a member started with other settings
-follows the creator instead of falling out of step.
+follows the creator instead of falling out of step. The group id and a random token tell a
+member which of the descriptors it was handed is the one its setup announced (``peek``): a
+descriptor left over from a setup that failed carries another token.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ from typing import Any
 import numpy as np
 
 MAGIC = int.from_bytes(b"AIOCGRP1", "little")
-VERSION = 1
+VERSION = 2
 PAGE = 4096
 CTRL_BYTES = 1024
 MAX_DEPTH = 8
-_HEADER = struct.Struct("<8Q")  # magic, version, world, part, depth, size, direct_max, reserved
+_HEADER = struct.Struct("<10Q")  # magic, version, world, part, depth, size, direct_max, gid, token, reserved
 
 # u64 offsets inside a control block
 A, B, F = 0, 8, 16
@@ -70,10 +73,19 @@ class GroupSegment:
 
     Attributes:
         world: members; part: bytes per part (C); depth: slots (D); slot_bytes: W*C.
+        gid: the group's id; token: the creator's random token for this segment.
     """
 
     def __init__(
-        self, mm: mmap.mmap, *, world: int | None = None, part: int = 0, depth: int = 0, direct_max: int = 0
+        self,
+        mm: mmap.mmap,
+        *,
+        world: int | None = None,
+        part: int = 0,
+        depth: int = 0,
+        direct_max: int = 0,
+        gid: int = 0,
+        token: int = 0,
     ) -> None:
         """Wrap ``mm``. With ``world`` given, write a fresh header from the arguments (the
         creator); without, read and check the header (the other members).
@@ -88,15 +100,16 @@ class GroupSegment:
             if not 1 <= depth <= MAX_DEPTH or part <= 0 or part % PAGE:
                 raise ValueError(f"bad segment geometry: part {part} (a multiple of {PAGE}), depth {depth} (1..{MAX_DEPTH})")
             size = segment_bytes(world, part, depth)
-            _HEADER.pack_into(raw, 0, 0, VERSION, world, part, depth, size, direct_max, 0)
+            _HEADER.pack_into(raw, 0, 0, VERSION, world, part, depth, size, direct_max, gid, token, 0)
             raw[:8] = MAGIC.to_bytes(8, "little")  # last: the header is whole once this is set
-        magic, version, w, c, d, size, dmax, _ = _HEADER.unpack_from(raw, 0)
+        magic, version, w, c, d, size, dmax, g, tok, _ = _HEADER.unpack_from(raw, 0)
         raw.release()
         if magic != MAGIC or version != VERSION:
             raise ValueError("shared segment is not an aiocoll group segment of this version")
         if not 1 <= d <= MAX_DEPTH or size != segment_bytes(w, c, d) or size > len(mm):
             raise ValueError(f"group segment header claims {size} bytes, the mapping has {len(mm)}")
         self.world, self.part, self.depth, self.direct_max = int(w), int(c), int(d), int(dmax)
+        self.gid, self.token = int(g), int(tok)
         self.slot_bytes = self.world * self.part
         ctrl = _align(self.world * CTRL_BYTES)
         self._q = memoryview(mm)[PAGE : PAGE + ctrl].cast("Q")
@@ -183,4 +196,19 @@ class GroupSegment:
         return True
 
 
-__all__ = ["A", "B", "F", "DESC_WORDS", "MAX_DEPTH", "GroupSegment", "segment_bytes"]
+def peek(fd: int) -> tuple[int, int, int] | None:
+    """``(gid, token, size)`` from the header of the group segment file ``fd``, read without
+    mapping it; None if ``fd`` holds no whole header of this version."""
+    try:
+        raw = os.pread(fd, _HEADER.size, 0)
+    except OSError:
+        return None
+    if len(raw) < _HEADER.size:
+        return None
+    magic, version, _, _, _, size, _, gid, token, _ = _HEADER.unpack(raw)
+    if magic != MAGIC or version != VERSION:
+        return None
+    return int(gid), int(token), int(size)
+
+
+__all__ = ["A", "B", "F", "DESC_WORDS", "MAX_DEPTH", "GroupSegment", "peek", "segment_bytes"]

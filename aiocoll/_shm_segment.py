@@ -1,20 +1,19 @@
-"""Shared-memory segments: anonymous ones passed as file descriptors, named ones that live briefly.
+"""Shared-memory segments: files with no name, mapped by every process that holds a descriptor.
 
-Two kinds, both mapped ``MAP_SHARED`` and both gone from the file system by the time data flows:
+Every segment aiocoll makes (a link's ring, a group's shared segment) is a ``memfd_create``
+file: it never has a name, and the process that makes it hands its descriptor to the others
+over a Unix socket (``SCM_RIGHTS``). Its memory is freed when the last descriptor is closed and
+the last mapping is unmapped, which the kernel does for every process that dies: a crash or a
+SIGKILL at any moment leaves nothing behind, without help from a launcher.
 
-- **Anonymous** (``create_anonymous``): a ``memfd_create`` file that never has a name. The shm
-  transport hands its descriptor to the peer over a Unix socket (``SCM_RIGHTS``), so nothing can
-  leak whatever happens to either process. Where memfd is missing, a file under /dev/shm is
-  created and unlinked at once, before its descriptor is shared.
-- **Named** (``create_named`` / ``open_named``): a file under /dev/shm that the members of a group
-  open by name. The name exists only until every member has mapped it; then the creator unlinks
-  it (``unlink_named``). A member that crashes in that window leaves the name behind, so names
-  carry the job id and the creator's pid: ``aiocoll-<job>-<pid>-<label>-<random>``. The launcher
-  removes a finished job's names (``cleanup_job``, a hook for ``aiocoll run``), surviving members
-  remove a name when setup fails, and ``sweep_stale`` removes names whose creator is dead.
+Where memfd is missing (old kernel, seccomp) an ``O_TMPFILE`` file under /dev/shm does the
+same. Only if that fails too is a named file made and unlinked at once, before its descriptor
+is shared; a process killed in those microseconds leaves the name, which carries the job id and
+the creator's pid (``aiocoll-<job>-<pid>-<label>-<random>``) so that ``sweep_stale`` and the
+launcher's hook (``cleanup_job``) can remove it.
 
-A mapping outlives its name and its descriptor: the memory is freed when the last process
-unmaps it (or dies).
+A mapping outlives its descriptor: the memory is freed when the last process unmaps it (or dies).
+Pages are committed when first touched, so a segment costs what its users write into it.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ SHM_DIR = Path("/dev/shm")
 PREFIX = "aiocoll-"
 _NAME = re.compile(r"^aiocoll-([0-9A-Za-z]+)-(\d+)-([0-9A-Za-z_]+)-([0-9a-f]+)$")
 _JOB = re.compile(r"^[0-9A-Za-z]{1,32}$")
-#: A named segment lives for milliseconds; one older than this whose creator is dead is litter.
+#: A named segment lives for microseconds; one older than this whose creator is dead is litter.
 STALE_AGE_S = 60.0
 
 
@@ -59,24 +58,38 @@ def _map(fd: int, size: int, populate: bool) -> mmap.mmap:
 def create_anonymous(size: int, label: str) -> int:
     """A new zero-filled shared-memory file of ``size`` bytes with no name; returns its descriptor.
 
-    The caller owns the descriptor (close-on-exec is set).
+    The caller owns the descriptor (close-on-exec is set). No page is committed yet.
 
     Raises:
+        ValueError: ``label`` is not alphanumeric.
         OSError: the kernel refused (out of memory, descriptor limit).
     """
+    if not re.fullmatch(r"[0-9A-Za-z_]+", label):
+        raise ValueError(f"segment label must be alphanumeric, got {label!r}")
     try:
         fd = os.memfd_create(f"aiocoll-{label}", os.MFD_CLOEXEC)
     except (AttributeError, OSError):
-        # No memfd (old kernel, seccomp): a /dev/shm file that is unlinked before anyone else
-        # can see its descriptor has the same lifetime.
-        path = SHM_DIR / f"{PREFIX}{job_token()}-{os.getpid()}-{label}-{secrets.token_hex(8)}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.unlink(path)
+        fd = _unnamed_file(label)
     try:
         os.ftruncate(fd, size)
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def _unnamed_file(label: str) -> int:
+    # No memfd (old kernel, seccomp): a file of /dev/shm that is never linked...
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(SHM_DIR, os.O_RDWR | tmpfile | os.O_CLOEXEC, 0o600)
+        except OSError:
+            pass
+    # ...or, last, one unlinked before anyone else can see its descriptor.
+    path = SHM_DIR / f"{PREFIX}{job_token()}-{os.getpid()}-{label}-{secrets.token_hex(8)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.unlink(path)
     return fd
 
 
@@ -94,57 +107,9 @@ def map_fd(fd: int, size: int, *, populate: bool = False) -> mmap.mmap:
     return _map(fd, size or actual, populate)
 
 
-def create_named(label: str, size: int) -> tuple[str, mmap.mmap]:
-    """Create and map a new named segment under /dev/shm; return (name, mapping).
-
-    The caller must ``unlink_named(name)`` once every user has opened it.
-
-    Raises:
-        OSError: /dev/shm is missing or full.
-    """
-    if not re.fullmatch(r"[0-9A-Za-z_]+", label):
-        raise ValueError(f"segment label must be alphanumeric, got {label!r}")
-    name = f"{PREFIX}{job_token()}-{os.getpid()}-{label}-{secrets.token_hex(8)}"
-    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        return name, _map(fd, size, True)
-    except BaseException:
-        unlink_named(name)
-        raise
-    finally:
-        os.close(fd)
-
-
-def open_named(name: str, size: int = 0) -> mmap.mmap:
-    """Map ``size`` bytes (0: all) of the named segment ``name`` (made by ``create_named``).
-
-    Raises:
-        ValueError: ``name`` is not an aiocoll segment name, or the segment is too small.
-        FileNotFoundError: the segment does not exist (any more).
-    """
-    if not _NAME.match(name):
-        raise ValueError(f"not an aiocoll segment name: {name!r}")
-    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        return map_fd(fd, size, populate=True)
-    finally:
-        os.close(fd)
-
-
-def unlink_named(name: str) -> bool:
-    """Remove the name ``name`` from /dev/shm; True if it was there. Mappings stay valid."""
-    if not _NAME.match(name):
-        raise ValueError(f"not an aiocoll segment name: {name!r}")
-    try:
-        os.unlink(SHM_DIR / name)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def named_segments(job: str | None = None) -> Iterator[str]:
-    """Names of aiocoll segments under /dev/shm (only ``job``'s when given)."""
+    """Names of aiocoll segments under /dev/shm (only ``job``'s when given): litter of the last
+    resort of ``create_anonymous``, or of versions of aiocoll that shared group segments by name."""
     try:
         entries = os.listdir(SHM_DIR)
     except OSError:
@@ -188,8 +153,8 @@ def sweep_stale(min_age_s: float = STALE_AGE_S) -> list[str]:
 def cleanup_job(info: LaunchInfo) -> None:
     """Launcher hook: remove every named segment of the finished job ``info.job_id``.
 
-    A rank killed between creating a group segment and the other members mapping it leaves the
-    name behind; by the time this runs every rank has exited, so nobody needs it any more.
+    Segments have no names unless neither memfd nor ``O_TMPFILE`` works (see the module
+    docstring); by the time this runs every rank has exited, so nobody needs one any more.
     """
     if not _JOB.match(info.job_id):
         return
@@ -203,11 +168,8 @@ __all__ = [
     "SHM_DIR",
     "cleanup_job",
     "create_anonymous",
-    "create_named",
     "job_token",
     "map_fd",
     "named_segments",
-    "open_named",
     "sweep_stale",
-    "unlink_named",
 ]

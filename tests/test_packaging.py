@@ -27,6 +27,13 @@ def test_all_lists_exactly_the_public_names():
     assert len(aiocoll.__all__) == len(set(aiocoll.__all__))
 
 
+def test_group_lifetime_is_public_in_both_apis():
+    import aiocoll.sync
+
+    assert "destroy_group" in aiocoll.__all__ and "destroy_group" in aiocoll.sync.__all__
+    assert "Raises:" in (aiocoll.destroy_group.__doc__ or "")
+
+
 def test_every_public_name_is_documented():
     for name in aiocoll.__all__:
         obj = getattr(aiocoll, name)

@@ -202,21 +202,20 @@ async def test_many_cancellations_leave_nothing_behind(transport, no_leaks):
     assert await _run(body, 3, transport) == ["ok"] * 3
 
 
-async def test_a_member_that_finds_the_segment_gone_raises_a_collective_error(monkeypatch, no_leaks):
-    """Emulates the race deterministically: the name is unlinked just before each member opens
-    it, as group rank 0 does when it is cancelled between sending the name and hearing back."""
-    from aiocoll import _shm_engine, _shm_segment
+async def test_a_member_whose_segment_descriptor_never_came_raises_a_collective_error(monkeypatch, no_leaks):
+    """The defensive path of setup, made deterministic: every descriptor a member is handed is
+    lost (closed) before it looks, as if its link had dropped it. Every member must raise a
+    CollectiveError and nothing may stay open."""
+    from aiocoll.transports.shm import ShmTransport
 
-    real_open = _shm_engine.open_named
+    real_take = ShmTransport.take_fds
 
-    def open_after_rank0_gave_up(name, *args, **kwargs):
-        try:
-            _shm_segment.unlink_named(name)
-        except OSError:
-            pass  # the other member got there first
-        return real_open(name, *args, **kwargs)
+    def lose_them(self, want, *, poll=()):
+        for fd in real_take(self, want, poll=poll):
+            os.close(fd)
+        return []
 
-    monkeypatch.setattr(_shm_engine, "open_named", open_after_rank0_gave_up)
+    monkeypatch.setattr(ShmTransport, "take_fds", lose_them)
 
     async def body(rank):
         g = aiocoll.new_group([0, 1, 2], tag="setup-race")
@@ -229,6 +228,7 @@ async def test_a_member_that_finds_the_segment_gone_raises_a_collective_error(mo
     results = await _run(body, 3, "shm")
     for rank, (got,) in enumerate(results):
         assert isinstance(got, aiocoll.CollectiveError), f"rank {rank} raised {got!r}"
+    assert "descriptor never came" in str(results[1][0])
 
 
 async def test_closing_the_store_just_after_a_client_left_logs_nothing():

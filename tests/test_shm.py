@@ -126,6 +126,31 @@ async def test_sends_accept_any_contiguous_buffer():
     await b.aclose()
 
 
+async def test_a_passed_descriptor_is_there_before_the_frames_sent_after_it():
+    before = _fds()
+    a, b, sink, address = await _pair()
+    conn = await b.connect(0, address)
+    fd = _shm_segment.create_anonymous(4096, "probe")
+    for i in range(50):  # each time the reader may be awake or asleep: no descriptor is lost
+        os.pwrite(fd, i.to_bytes(4, "little"), 0)
+        await b.send_fd(0, fd)
+        await conn.send(_key(i), b"after")
+        await sink.until(lambda: len(sink.frames) == i + 1)
+        (got,) = a.take_fds(lambda peer, f: peer == 1, poll=(1,))
+        assert got != fd and os.pread(got, 4, 0) == i.to_bytes(4, "little")
+        os.close(got)
+    assert a.take_fds(lambda peer, f: True, poll=(1,)) == []
+    await b.send_fd(0, fd)  # never claimed: closed with the transport
+    os.close(fd)
+    await conn.send(_key(99), b"last")
+    await sink.until(lambda: len(sink.frames) == 51)
+    with pytest.raises(aiocoll.TransportError, match="no shm link to rank 0"):
+        await a.send_fd(0, 0)  # a has no link *to* anyone
+    await a.aclose()
+    await b.aclose()
+    assert _fds() == before
+
+
 async def test_graceful_close_reports_peer_lost_without_error():
     a, b, sink, address = await _pair()
     conn = await b.connect(0, address)
@@ -314,31 +339,37 @@ async def test_a_sigkilled_writer_is_reported_as_lost_and_leaves_nothing(tmp_pat
     assert _ours_in_dev_shm(proc.pid) == []
 
 
-def test_named_segments_are_unlinked_by_the_job_cleanup_hook(tmp_path):
+def _litter(job: str, pid: int) -> str:
+    """A name as the last resort of create_anonymous leaves when its process dies between
+    creating and unlinking it (memfd and O_TMPFILE both refused)."""
+    name = f"aiocoll-{job}-{pid}-gdeadbeef-{os.urandom(8).hex()}"
+    os.close(os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    return name
+
+
+def test_named_litter_is_unlinked_by_the_job_cleanup_hook():
     from aiocoll._launcher import LaunchInfo
 
-    env = dict(os.environ, AIOCOLL_JOB_ID="testjob42")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(aiocoll.__file__)))
-    code = (
-        f"import sys, os, signal; sys.path.insert(0, {root!r}); from aiocoll import _shm_segment as s; "
-        "name, mm = s.create_named('gdeadbeef', 1 << 16); print(name, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    name = proc.stdout.strip()
-    assert proc.returncode == -signal.SIGKILL and name.startswith("aiocoll-testjob42-")
-    assert name in list(_shm_segment.named_segments("testjob42"))  # the crash left it behind...
+    name = _litter("testjob42", 999999999)
+    assert name in list(_shm_segment.named_segments("testjob42"))
     _shm_segment.cleanup_job(LaunchInfo("testjob42", (), ()))
-    assert name not in list(_shm_segment.named_segments())  # ...and the launcher's hook removes it
+    assert name not in list(_shm_segment.named_segments())
 
 
-def test_stale_segments_of_dead_creators_are_swept():
-    name, mm = _shm_segment.create_named("gstale", 4096)
-    mm.close()
-    dead = name.split("-")
-    dead[2] = "999999999"  # no such pid
-    stale = "-".join(dead)
-    os.rename(f"/dev/shm/{name}", f"/dev/shm/{stale}")
+def test_stale_named_litter_of_dead_creators_is_swept():
+    stale = _litter("nojob", 999999999)  # no such pid
     assert stale in list(_shm_segment.named_segments())
     assert stale not in _shm_segment.sweep_stale(min_age_s=3600)  # too young to be litter
     assert stale in _shm_segment.sweep_stale(min_age_s=0)
     assert stale not in list(_shm_segment.named_segments())
+
+
+def test_anonymous_segments_never_have_a_name(monkeypatch):
+    before = set(os.listdir("/dev/shm"))
+    fd = _shm_segment.create_anonymous(1 << 16, "probe")
+    os.close(fd)
+    monkeypatch.delattr(os, "memfd_create")  # the O_TMPFILE fallback
+    fd = _shm_segment.create_anonymous(1 << 16, "probe")
+    assert os.fstat(fd).st_nlink == 0 and os.fstat(fd).st_size == 1 << 16
+    os.close(fd)
+    assert set(os.listdir("/dev/shm")) - before == set()

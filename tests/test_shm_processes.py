@@ -196,51 +196,126 @@ def test_sigkill_of_a_rank_fails_the_others_fast_and_leaves_nothing(tmp_path):
 
 SETUP_KILL_SCRIPT = textwrap.dedent(
     """
-    import asyncio, os, signal
+    import asyncio, os, signal, sys
     import numpy as np
     import aiocoll
-    from aiocoll import _shm_segment
+    from aiocoll import _shm_engine
+    from aiocoll._world import current_world
+
+    def fds():
+        found = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue  # listdir's own descriptor, closed by now
+        return {fd: what for fd, what in found.items() if what != "/dev/null"}
+
+    def shared_maps():
+        with open("/proc/self/maps") as f:
+            return sorted(line.split(None, 5)[-1].strip() for line in f if "memfd:" in line or "/dev/shm/" in line)
+
+    def die(*_):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_after(owner, name, calls=1):
+        # Rank 0 dies right after the n-th call of owner.name returns: a fixed point of setup.
+        real = getattr(owner, name)
+        seen = [0]
+        if asyncio.iscoroutinefunction(real):
+            async def wrapped(*args, **kwargs):
+                out = await real(*args, **kwargs)
+                seen[0] += 1
+                if seen[0] == calls:
+                    die()
+                return out
+        else:
+            def wrapped(*args, **kwargs):
+                out = real(*args, **kwargs)
+                seen[0] += 1
+                if seen[0] == calls:
+                    die()
+                return out
+        setattr(owner, name, wrapped)
 
     async def main():
-        async with aiocoll.init() as world:
-            if world.rank == 1:
-                await asyncio.sleep(30)  # never joins: rank 0 waits for it with the name still there
-                return
-            task = asyncio.ensure_future(aiocoll.all_reduce(np.ones(4, np.float32)))
-            while True:
-                mine = [n for n in _shm_segment.named_segments(os.environ["AIOCOLL_JOB_ID"])]
-                if mine:
-                    print("segment", mine[0], flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                await asyncio.sleep(0.001)
+        rank, size, port, stage, members = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+        before = fds(), shared_maps()
+        await aiocoll.init(rank=rank, world_size=size, store=f"tcp://127.0.0.1:{port}", transport="shm",
+                           timeout=30, secret="setup-kill-test")
+        await aiocoll.all_reduce(np.ones(4, np.float32))  # the world's own segment, set up before the kill
+        g = aiocoll.new_group(range(size))
+        if rank == 0:
+            print("pid", os.getpid(), flush=True)
+            if stage == "created":  # the segment exists, nothing was passed yet
+                if hasattr(_shm_engine, "create_named"):  # (the code before segments were passed by descriptor)
+                    kill_after(_shm_engine, "create_named")
+                else:
+                    kill_after(_shm_engine, "create_anonymous")
+            elif stage == "passed-one":  # rank 1 holds the descriptor, rank 2 does not
+                from aiocoll.transports.shm import ShmTransport
+                kill_after(ShmTransport, "send_fd")
+            elif stage.startswith("announced"):  # every member was told; rank 0 waits for them
+                kill_after(_shm_engine.ShmEngine, "_wait_messages")
+        elif members == "late":  # join only once rank 0 is dead: what it passed waits unclaimed
+            while not current_world().comm.is_dead(0):
+                await asyncio.sleep(0.01)
+        n = (4 << 20) if stage.endswith("big") else 1000  # pipelined rounds, or the one-round path
+        try:
+            await aiocoll.all_reduce(np.ones(n, np.float32), group=g)
+            print(f"rank {rank} completed", flush=True)
+        except aiocoll.CollectiveError as exc:
+            print(f"rank {rank} failed: {type(exc).__name__} ranks {list(exc.ranks)}", flush=True)
+            await aiocoll.destroy()  # inside the except block: the error is still alive
+        after = fds(), shared_maps()
+        extra_fds = {k: v for k, v in after[0].items() if before[0].get(k) != v}
+        print(f"rank {rank} left fds {extra_fds} maps {[m for m in after[1] if m not in before[1]]}", flush=True)
 
     asyncio.run(main())
     """
 )
 
 
-async def test_launcher_hook_removes_the_segment_of_a_rank_killed_during_setup(tmp_path):
-    import io
+def _dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
 
-    from aiocoll import _launcher
 
+def _kill_rank0_during_setup(script: Path, stage: str, members: str) -> None:
+    job = "setupkill" + os.urandom(4).hex()
+    env = _env(AIOCOLL_JOB_ID=job)
+    port = _free_port()
+    shm_before = _dev_shm()
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), "3", str(port), stage, members], env=env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(3)
+    ]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == -signal.SIGKILL, outs[0]
+    pid = outs[0][0].split("pid ")[1].split()[0]
+    litter = [n for n in _dev_shm() - shm_before if job in n or f"-{pid}-" in n]
+    assert litter == [], f"rank 0 (pid {pid}) left {litter} in /dev/shm"
+    for r in (1, 2):
+        out, err = outs[r]
+        assert procs[r].returncode == 0, err[-3000:]
+        assert f"rank {r} failed: PeerFailureError ranks [0]" in out, out + err[-2000:]
+        assert f"rank {r} left fds {{}} maps []" in out, out
+
+
+@pytest.mark.parametrize("members", ["waiting", "late"])
+@pytest.mark.parametrize("stage", ["created", "passed-one", "announced", "announced-big"])
+def test_sigkill_of_rank_0_during_group_setup_leaves_nothing_anywhere(tmp_path, stage, members):
+    """Ranks started without the launcher: nothing named is ever made, and the survivors hold
+    no descriptor or mapping of the dead rank's segment once destroy() returns."""
     script = tmp_path / "setup_kill.py"
     script.write_text(SETUP_KILL_SCRIPT)
-    out, err = io.StringIO(), io.StringIO()
-    already = _shm_segment.cleanup_job in _launcher._cleanup_hooks  # the launcher may register it itself
-    _launcher.register_cleanup(_shm_segment.cleanup_job)
-    try:
-        result = await _launcher.launch(
-            [str(script)], 2, transport="shm", timeout=60.0, env=_env(), grace=1.0,
-            handle_signals=False, stdout=out, stderr=err,
-        )
-    finally:
-        if not already:
-            _launcher.unregister_cleanup(_shm_segment.cleanup_job)
-    name = next(line.split()[-1] for line in out.getvalue().splitlines() if "segment" in line)
-    assert name.startswith(f"aiocoll-{result.job_id}-")
-    assert result.failed_rank == 0 and result.returncodes[0] == -signal.SIGKILL
-    assert name not in _ours(), "the killed rank's segment outlived the job"
+    for _ in range(2):
+        _kill_rank0_during_setup(script, stage, members)
 
 
 MEMORY_SCRIPT = textwrap.dedent(

@@ -239,7 +239,7 @@ def test_signatures_and_docs_follow_the_async_api():
         "init", "destroy", "world", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast",
         "reduce", "gather", "scatter", "barrier", "send", "recv", "permute", "all_reduce_coalesced",
         "all_gather_coalesced", "reduce_scatter_coalesced", "new_group", "find_group", "find_or_create_group",
-        "new_subgroups", "expand_group", "init_device_mesh", "DeviceMesh",
+        "new_subgroups", "destroy_group", "expand_group", "init_device_mesh", "DeviceMesh",
     }
 
 

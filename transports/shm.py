@@ -17,12 +17,15 @@ Nothing ever has a name in /dev/shm (the ring's file is a memfd passed by descri
 lives in the abstract namespace), so nothing can be left behind by a crash or SIGKILL: the kernel
 frees both when the last process holding them exits.
 
-The socket does three jobs besides the handshake: it is the doorbell in both directions (one
+The socket does four jobs besides the handshake: it is the doorbell in both directions (one
 byte, sent only when the other side has said, in the ring, that it is going to sleep), it lets
-the event loop wait with ``add_reader`` instead of polling, and its end-of-file tells a reader
-that the writer is gone. A writer that closes on purpose first sets the ring's goodbye flag, so
-``peer_lost(peer, None)`` means "closed", and an end-of-file without goodbye (crash, SIGKILL,
-``abort()``) is reported as a TransportError.
+the event loop wait with ``add_reader`` instead of polling, its end-of-file tells a reader that
+the writer is gone, and it carries descriptors from writer to reader (``send_fd``): the
+same-host fast path hands each member its group's segment this way, so that segment never has a
+name either. A received descriptor waits in the transport until claimed (``take_fds``) and is
+closed with the transport if nobody claims it. A writer that closes on purpose first sets the
+ring's goodbye flag, so ``peer_lost(peer, None)`` means "closed", and an end-of-file without
+goodbye (crash, SIGKILL, ``abort()``) is reported as a TransportError.
 
 Waiting: before sleeping, each side spins for a bounded time (``spin_us``) when the other side
 is known to be mid-frame, because a wake-up through the socket and the event loop costs tens of
@@ -44,7 +47,7 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, ClassVar, cast
 
 from aiocoll import _auth
@@ -65,6 +68,10 @@ _OFFER = struct.Struct("<4sQ")
 _OFFER_MAGIC = b"SHMR"
 _MAPPED = b"\x02"
 _BELL = b"\x01"
+_FD = b"\x03"  # carries a descriptor; to the reader it is a doorbell like any other byte
+# Descriptors one read takes: the kernel ends a read after a message that carries some, and
+# send_fd sends one per message.
+_MAX_FDS = 4
 _SCHEME = "shm://@"
 DEFAULT_RING_BYTES = 4 << 20
 # Most bytes one side copies before letting the other see them: small enough that reader and
@@ -214,6 +221,31 @@ class ShmConnection:
                     self._teardown()
                 raise
 
+    async def send_fd(self, fd: int) -> None:
+        """Pass a duplicate of descriptor ``fd`` to the peer, which finds it with ``take_fds``.
+
+        Raises:
+            TransportError: the link is broken or closed.
+        """
+        while True:
+            self._check()
+            try:
+                socket.send_fds(self._sock, [_FD], [fd])
+                return
+            except (BlockingIOError, InterruptedError):
+                # Full of doorbells the peer has not read yet: wait until it does.
+                fut: asyncio.Future[None] = self._loop.create_future()
+                self._loop.add_writer(self._sock.fileno(), _resolve, fut)
+                handle = self._loop.call_later(SLEEP_SLICE_S, _resolve, fut)
+                try:
+                    await fut
+                finally:
+                    handle.cancel()
+                    with contextlib.suppress(Exception):
+                        self._loop.remove_writer(self._sock.fileno())
+            except OSError as exc:
+                self._break(TransportError(f"passing a descriptor to rank {self.peer} failed: {exc}"))
+
     def _publish(self) -> None:
         self._ring.publish()
         fence()
@@ -342,16 +374,38 @@ class _Inbound:
         self._pump()  # frames may already be waiting
 
     def _on_readable(self) -> None:
+        if self._read():
+            self._pump()
+
+    def _read(self) -> bool:
+        """Read doorbells (and descriptors) from the socket; True if there were any."""
+        if self._closed:
+            return False
         try:
-            data = self._sock.recv(4096)
+            # recv_fds, not recv: a descriptor passed with a byte that a plain recv reads is
+            # closed by the kernel.
+            data, fds, flags, _ = socket.recv_fds(self._sock, 4096, _MAX_FDS)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
-            data = b""
+            data, fds, flags = b"", [], 0
+        if fds:
+            self._owner._received(self.peer, fds)
+        if flags & getattr(socket, "MSG_CTRUNC", 0):
+            _log.warning("shm: rank %d sent more descriptors at once than expected; extra ones dropped", self.peer)
         if not data:
             self._end()
-            return
-        self._pump()
+            return False
+        return True
+
+    def poll(self) -> None:
+        """Read what the socket holds now (from a coroutine); frames that woke us are moved soon."""
+        got = False
+        while self._read():
+            got = True
+        if got and not self._scheduled and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._scheduled_pump)
 
     def _scheduled_pump(self) -> None:
         self._scheduled = False
@@ -492,6 +546,7 @@ class ShmTransport:
         self._conns: set[ShmConnection] = set()
         self._inbound: set[_Inbound] = set()
         self._lost: set[int] = set()
+        self._fds: list[tuple[int, int]] = []  # (peer, descriptor) received, not yet claimed
         self._closed = False
         #: Called with ``abort`` when this transport closes; same-host fast paths put their
         #: engines here so that their segments, doorbells and threads end with the links.
@@ -678,6 +733,49 @@ class ShmTransport:
         self._conns.add(conn)
         return conn
 
+    # ------------------------------------------------------------------ passing descriptors
+    async def send_fd(self, peer: int, fd: int) -> None:
+        """Pass a duplicate of descriptor ``fd`` to ``peer`` over the link's socket (SCM_RIGHTS).
+
+        ``peer`` has it (in ``take_fds``) before it can read any frame sent to it after this
+        returns. The caller keeps ``fd``.
+
+        Raises:
+            TransportError: no open link to ``peer``.
+        """
+        conn = next((c for c in self._conns if c.peer == peer), None)
+        if conn is None or self._closed:
+            raise TransportError(f"no shm link to rank {peer} to pass a descriptor over")
+        await conn.send_fd(fd)
+
+    def take_fds(self, want: Callable[[int, int], bool], *, poll: Collection[int] = ()) -> list[int]:
+        """Remove and return the received descriptors for which ``want(peer, fd)`` holds; the
+        caller owns them. The sockets of the links from the ranks in ``poll`` are read first.
+
+        Descriptors nobody takes are closed with the transport.
+        """
+        for inbound in [i for i in self._inbound if i.peer in poll]:
+            inbound.poll()
+        taken: list[tuple[int, int]] = []
+        kept: list[tuple[int, int]] = []
+        for peer, fd in self._fds:
+            (taken if want(peer, fd) else kept).append((peer, fd))
+        self._fds = kept
+        return [fd for _, fd in taken]
+
+    def _received(self, peer: int, fds: list[int]) -> None:
+        if self._closed:
+            for fd in fds:
+                os.close(fd)
+            return
+        self._fds.extend((peer, fd) for fd in fds)
+
+    def _close_received(self) -> None:
+        fds, self._fds = self._fds, []
+        for _, fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     # ------------------------------------------------------------------ bookkeeping
     def _spin_for(self, peer_pid: int) -> float:
         # A peer in this very process (ranks as tasks of one loop, in tests) can only make
@@ -723,6 +821,7 @@ class ShmTransport:
         self._closed = True
         for inbound in list(self._inbound):
             inbound.close()
+        self._close_received()
         pending = [t for t in (self._accepting, *self._admitting) if t is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -738,6 +837,7 @@ class ShmTransport:
             conn.abort()
         for inbound in list(self._inbound):
             inbound.close()
+        self._close_received()
 
 
 __all__ = ["ShmTransport", "ShmConnection", "format_address", "parse_address"]
