@@ -211,8 +211,9 @@ class AiocollProcessGroup(dist.ProcessGroup):
         root, g = opts.rootRank, self._group
 
         async def go() -> None:
-            for t in tensors:
-                _into(t, await core.broadcast(t, root, g))
+            # Every broadcast claimed before the first await.
+            for t, r in zip(tensors, await core.together([core.start("broadcast", t, root, g) for t in tensors])):
+                _into(t, r)
 
         return self._start(tensors, go, tensors)
 
