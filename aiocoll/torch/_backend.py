@@ -120,7 +120,9 @@ class AiocollProcessGroup(dist.ProcessGroup):
         with _sync._streams_of(tuple(found), {}):
 
             async def run() -> None:
-                await make()
+                # make() claims its collectives' places in its first step, in the order of the
+                # calls of this thread, also relative to its blocking and funcol calls.
+                await _sync.in_order(self._group.world, make)
                 if any(t.device.type == "cuda" for t in found):
                     torch.cuda.current_stream().synchronize()  # results are in the tensors now
 
