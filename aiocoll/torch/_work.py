@@ -176,6 +176,16 @@ class _Snapshot:
 
 def _finish(outs: Sequence[torch.Tensor], results: Sequence[torch.Tensor | None], streams: dict[int, Any]) -> Any:
     """Copy host results into the outputs; return the CUDA event after the last device copy."""
+    # Writing the result is no operation of the caller's: autograd must not record it. By the
+    # time it runs the op has usually returned, so the output has its history (the op's
+    # backward); a recorded copy_ would replace that history with the copy's, whose gradient for
+    # the overwritten output is zero, and the input's gradient would come out all wrong, on
+    # whichever member the write beat the lazy wrapper's capture of the history.
+    with torch.no_grad():
+        return _copy_out(outs, results, streams)
+
+
+def _copy_out(outs: Sequence[torch.Tensor], results: Sequence[torch.Tensor | None], streams: dict[int, Any]) -> Any:
     event: Any = None
     for out, res in zip(outs, results):
         if res is None:
