@@ -122,7 +122,7 @@ class AiocollProcessGroup(dist.ProcessGroup):
             async def run() -> None:
                 # make() claims its collectives' places in its first step, in the order of the
                 # calls of this thread, also relative to its blocking and funcol calls.
-                await _sync.in_order(self._group.world, make)
+                await _sync._in_order(self._group.world, make)
                 if any(t.device.type == "cuda" for t in found):
                     torch.cuda.current_stream().synchronize()  # results are in the tensors now
 

@@ -10,7 +10,7 @@ Order: every member of a group must issue the group's collectives in the same or
 of work claims its places (sequence numbers) in one go, in the first step of its body, and units
 started here claim theirs strictly in the order they were started, after the blocking calls of
 ``aiocoll.sync`` made before them and before those made after (they share one order per world:
-``aiocoll.sync.in_order``), even when a unit first waits for its CUDA inputs.
+``aiocoll.sync._in_order``), even when a unit first waits for its CUDA inputs.
 
 Inputs are snapshotted when the call is made (CPU: a copy; CUDA: an asynchronous copy into
 pinned host memory on the caller's stream), so the caller may change them at once. CUDA outputs
@@ -248,7 +248,7 @@ def launch(inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], body: B
     async def run() -> None:
         # CUDA inputs: wait for their host copies while holding our place, so that no later
         # unit claims its sequence numbers before ours.
-        results = await _sync.in_order(world, lambda: body(snap.host), snap.ready())
+        results = await _sync._in_order(world, lambda: body(snap.host), snap.ready())
         work.done_event = _finish(outs, results, streams)
 
     def settle(task: asyncio.Future[None]) -> None:
