@@ -182,8 +182,8 @@ class Posted:
         problems, differs = compare(key, self.expect, self.check_count, them, me)
         self.undescribed = differs
         if differs:
-            call = self.op.call if self.op is not None else NO_CALL
-            problems.append(_undescribed(call, them, me))
+            op = self.op
+            problems.append(_undescribed(op.op if op else kind_name(key.kind), op.call if op else NO_CALL, them, me))
         elif not problems and nbytes != self.buffer.nbytes:
             problems.append(f"{them} sent {nbytes} bytes, {me} expected {self.buffer.nbytes}")
         if not problems:
@@ -194,9 +194,9 @@ class Posted:
         return self.op.error(MismatchError, message, (self.peer, self.me))
 
 
-def _undescribed(call: Call, them: str, me: str) -> str:
+def _undescribed(name: str, call: Call, them: str, me: str) -> str:
     mine = ", ".join(f"{n} {show_value(v)}" for n, v in call.fields) or "no arguments to compare"
-    return f"{them} called it with other arguments than {me} ({mine} on {me}; {them} did not say which)"
+    return f"{them} called {name} with other arguments than {me} ({mine} on {me}; {them} did not say which)"
 
 
 @dataclass(frozen=True)
@@ -539,7 +539,7 @@ class Communicator:
             self.spawn(self._send_quietly(peer, key, memoryview(body)))
         partial = op.error(
             MismatchError,
-            "collective mismatch: " + _undescribed(op.call, f"rank {peer}", f"rank {self.rank}"),
+            "collective mismatch: " + _undescribed(op.op, op.call, f"rank {peer}", f"rank {self.rank}"),
             (peer, self.rank),
         )
         asyncio.get_running_loop().call_later(op.describe_wait, op.fail, partial)

@@ -136,3 +136,23 @@ async def test_the_group_stays_broken_after_a_mismatch_and_others_are_unharmed(t
 
     for y in await run_ranks(body, world_size, transport=transport, secret="s", timeout=TIMEOUT):
         assert (y == world_size * (world_size - 1) // 2).all()
+
+
+async def test_without_an_answer_to_describe_a_member_says_what_it_knows(monkeypatch):
+    """A member whose peer never answers what it called (its loop stuck, say) still fails the
+    collective, after a bounded wait, naming both members and its own call."""
+    from aiocoll._comm import Communicator
+
+    monkeypatch.setattr(Communicator, "_on_describe", lambda self, peer, key, body: None)
+
+    async def body(rank):
+        started = time.monotonic()
+        with pytest.raises(aiocoll.MismatchError) as info:
+            await aiocoll.all_gather(_x(rank, (3, 2) if rank == ODD else (2, 3)), timeout=4.0)
+        return info.value, time.monotonic() - started
+
+    for rank, (err, elapsed) in enumerate(await run_ranks(body, 2)):
+        assert elapsed < 4.0, (rank, elapsed)
+        assert set(err.ranks) == {0, 1}, err
+        mine = "(3, 2)" if rank == ODD else "(2, 3)"
+        assert f"shape {mine}" in str(err) and f"on rank {rank}" in str(err) and f"rank {1 - rank}" in str(err), err
