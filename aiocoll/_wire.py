@@ -18,9 +18,9 @@ elements, to wrap (collectives refuse arrays that large).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import struct
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -110,16 +110,15 @@ class Call:
     """What the members of one collective must agree on besides kind, op, dtype and count.
 
     ``fields`` are (name, value) pairs in the order a message lists them, values being ints,
-    strings or (nested) lists of them: ``("src", 0)``, ``("shape", (2, 3))``, ``("dim", 1)``.
+    strings or (nested) tuples of them: ``("src", 0)``, ``("shape", (2, 3))``, ``("dim", 1)``.
     Every frame of the collective carries :attr:`digest`.
     """
 
     __slots__ = ("fields", "digest")
 
     def __init__(self, *fields: tuple[str, Any]) -> None:
-        self.fields: tuple[tuple[str, Any], ...] = tuple((str(n), _plain(v)) for n, v in fields)
-        raw = json.dumps(self.fields, separators=(",", ":")).encode()
-        self.digest = int.from_bytes(hashlib.blake2b(raw, digest_size=4).digest(), "big")
+        self.fields: tuple[tuple[str, Any], ...] = tuple([(str(n), _plain(v)) for n, v in fields])
+        self.digest = _digest(self.fields)
 
     def to_json(self) -> list[Any]:
         return [list(f) for f in self.fields]
@@ -129,11 +128,14 @@ class Call:
         """The Call a DESCRIBE frame carried.
 
         Raises:
-            ValueError: ``data`` is not a list of [name, value] pairs.
+            ValueError: ``data`` is not a list of [name, value] pairs of ints, strings and lists.
         """
         if not isinstance(data, list) or not all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) for f in data):
             raise ValueError("malformed call description")
-        return cls(*((f[0], f[1]) for f in data))
+        try:
+            return cls(*((f[0], f[1]) for f in data))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"malformed call description: {exc}") from None
 
     def differences(self, other: Call, mine: str, theirs: str) -> list[str]:
         """Each field that differs, as "<name> <my value> on <mine> vs <their value> on <theirs>"."""
@@ -144,7 +146,7 @@ class Call:
             if x == y:
                 continue
             label = name
-            if isinstance(x, list) and isinstance(y, list) and len(x) == len(y) and any(isinstance(v, list) for v in x):
+            if isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y) and any(isinstance(v, tuple) for v in x):
                 # A list of shapes (coalesced collectives): name the first that differs.
                 i = next(i for i, (p, q) in enumerate(zip(x, y)) if p != q)
                 label, x, y = f"{name}[{i}]", x[i], y[i]
@@ -157,12 +159,24 @@ class Call:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as JSON would give it back (tuples become lists, numpy ints become ints)."""
+    """``value`` with lists as tuples and numpy ints as ints: hashable, and printed (repr) the
+    same by every member."""
+    kind = type(value)
+    if kind is int or kind is str:
+        return value
+    if kind is tuple and all(type(v) is int for v in value):
+        return value  # a shape, as collectives pass them
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return tuple(_plain(v) for v in value)
     if isinstance(value, str):
         return value
     return int(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(fields: tuple[tuple[str, Any], ...]) -> int:
+    # Collectives repeat the same few calls (a training step's shapes): computed once each.
+    return zlib.crc32(repr(fields).encode())
 
 
 #: The call of a collective with nothing to agree on beyond kind, op, dtype and count.
