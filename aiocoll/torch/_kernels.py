@@ -194,7 +194,6 @@ def all_reduce_coalesced(inputs: list[torch.Tensor], reduce_op: str, group_name:
     outs = [_empty(t.shape, t) for t in inputs]
     if not inputs:
         return outs
-    parts = _by_dtype(inputs)
 
     async def body(host: list[torch.Tensor]) -> list[torch.Tensor | None]:
         # One all_reduce per dtype, all claimed before the first await (see _work.launch).
