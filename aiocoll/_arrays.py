@@ -4,6 +4,10 @@ Collectives accept numpy arrays, anything with the buffer protocol, objects expo
 ``__array_interface__``, and torch tensors (through the adapter in ``aiocoll._torch_arrays``,
 imported only when a tensor is seen, so torch stays optional). The algorithms only ever see
 the numpy side. Results come back as a new array of the input's kind and device.
+
+Byte order: the wire and the reductions work in this host's byte order. An array of the other
+one (``>f4`` on a little-endian host) is converted on the way in, and results come back in the
+input's own dtype, so members may mix byte orders freely.
 """
 
 from __future__ import annotations
@@ -47,6 +51,19 @@ def contiguous(a: Array) -> Array:
     return a if a.flags.c_contiguous else np.array(a, order="C", copy=True)
 
 
+def _numpy_payload(arr: Array) -> Payload:
+    """A payload of a C-contiguous numpy array, in native byte order."""
+    if arr.dtype.isnative:
+        return Payload(arr, wire_dtype(arr.dtype), _identity)
+    given = arr.dtype
+    native = arr.astype(given.newbyteorder("="))
+
+    def back(a: Array) -> Any:
+        return a.astype(given)
+
+    return Payload(native, wire_dtype(native.dtype), back)
+
+
 def _is_torch(x: object) -> bool:
     # Tensor subclasses defined outside torch (aiocoll.torch's lazy results, user subclasses)
     # are tensors too: look through the type's bases.
@@ -60,16 +77,14 @@ def as_payload(x: object, what: str = "x") -> Payload:
         TypeError: ``x`` is not an array-like aiocoll understands, or its dtype is not numeric.
     """
     if isinstance(x, np.ndarray):
-        arr = contiguous(x)
-        return Payload(arr, wire_dtype(arr.dtype), _identity)
+        return _numpy_payload(contiguous(x))
     if _is_torch(x):
         from ._torch_arrays import tensor_payload
 
         payload: Payload = tensor_payload(x)
         return payload
     if isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "__array_interface__"):
-        arr = contiguous(np.asarray(x))
-        return Payload(arr, wire_dtype(arr.dtype), _identity)
+        return _numpy_payload(contiguous(np.asarray(x)))
     if hasattr(x, "__dlpack__"):
         try:
             arr = contiguous(np.from_dlpack(x))
@@ -78,7 +93,7 @@ def as_payload(x: object, what: str = "x") -> Payload:
                 f"{what}: cannot read {type(x).__name__} through DLPack on the host ({exc}); "
                 "device arrays other than torch tensors are not supported yet"
             ) from exc
-        return Payload(arr, wire_dtype(arr.dtype), _identity)
+        return _numpy_payload(arr)
     try:
         view = memoryview(x)  # type: ignore[arg-type]
     except TypeError:
@@ -86,8 +101,7 @@ def as_payload(x: object, what: str = "x") -> Payload:
             f"{what} must be a numpy array, a torch tensor, or support the buffer protocol, "
             f"__array_interface__ or DLPack; got {type(x).__name__}"
         ) from None
-    arr = contiguous(np.asarray(view))
-    return Payload(arr, wire_dtype(arr.dtype), _identity)
+    return _numpy_payload(contiguous(np.asarray(view)))
 
 
 def as_output(out: object, like: Payload, shape: tuple[int, ...]) -> tuple[Array, Callable[[Array], Any]]:
@@ -103,13 +117,14 @@ def as_output(out: object, like: Payload, shape: tuple[int, ...]) -> tuple[Array
         return made
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array here, got {type(out).__name__}")
-    if out.dtype != like.array.dtype:
+    # Either byte order will do: numpy converts when the result is written (below).
+    if out.dtype.newbyteorder("=") != like.array.dtype:
         raise TypeError(f"out has dtype {out.dtype}, the result has dtype {like.array.dtype}")
     if out.shape != shape:
         raise ValueError(f"out has shape {out.shape}, the result has shape {shape}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    if out.flags.c_contiguous:
+    if out.flags.c_contiguous and out.dtype.isnative:
         return out, lambda a: out
     tmp = np.empty(shape, dtype=out.dtype)
 

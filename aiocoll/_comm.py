@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import mmap
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ from ._errors import (
 from ._dtypes import WireDtype
 from ._errors import TransportError
 from ._ops import ReduceOp
-from ._wire import FLAG_CONTROL, FLAG_P2P, FrameKey, Kind, kind_name
+from ._wire import AGREE_STEP, FLAG_CONTROL, FLAG_P2P, NO_CALL, Call, FrameKey, Kind, kind_name, show_value
 from .transports import Connection, Transport
 
 log = logging.getLogger("aiocoll")
@@ -59,6 +60,11 @@ DEFAULT_MAX_UNEXPECTED = 8 << 30
 _MAX_CONTROL = 1 << 16
 _MAX_OP_NAME = 64
 _MAX_HEARD_GROUPS = 4096
+#: Collectives whose call this rank remembers, to answer a DESCRIBE about one it finished.
+_MAX_CALLS = 1024
+#: How long a rank that asked another what it called waits for the answer before failing the
+#: collective with what it knows (at most half the collective's timeout).
+DESCRIBE_WAIT_S = 2.0
 #: Scratch buffers from this size on are committed page by page as the payload arrives.
 _LAZY_SCRATCH = 1 << 20
 
@@ -71,14 +77,14 @@ _ERRORS: dict[str, type[CollectiveError]] = {
 }
 
 
-def _op_name(code: int) -> str:
+def op_name(code: int) -> str:
     try:
         return ReduceOp(code).name.lower()
     except ValueError:
         return f"op {code}"
 
 
-def _dtype_name(code: int) -> str:
+def dtype_name(code: int) -> str:
     try:
         return WireDtype(code).name.lower()
     except ValueError:
@@ -114,6 +120,13 @@ class ActiveOp:
     failure: asyncio.Future[None]
     posted: set[Posted] = field(default_factory=set)
     p2p: bool = False  # point to point: ``seq`` numbers messages of a (pair, tag), not steps
+    # What every frame of this collective must say (Communicator.expect); None: not checked
+    # until a receive is posted (point to point, or a collective that has not said).
+    expect: FrameKey | None = None
+    check_count: bool = True
+    call: Call = NO_CALL
+    described: set[int] = field(default_factory=set)  # peers asked to say what they called
+    describe_wait: float = DESCRIBE_WAIT_S
 
     def fail(self, exc: CollectiveError) -> None:
         if not self.failure.done():
@@ -124,6 +137,26 @@ class ActiveOp:
 
     def error(self, cls: type[CollectiveError], message: str, ranks: Iterable[int]) -> CollectiveError:
         return cls(message, group=self.group, seq=self.seq, op=self.op, ranks=ranks)
+
+
+def compare(key: FrameKey, expect: FrameKey, check_count: bool, them: str, me: str) -> tuple[list[str], bool]:
+    """How the call a frame describes differs from the one expected here.
+
+    Returns the differences that the keys name in full (collective, reduce op, dtype, element
+    count), and whether, those being equal, the call digests differ (root, shape, dim...: what
+    exactly, only the sender can say; see Communicator.describe).
+    """
+    if key.kind != expect.kind:
+        return [f"{them} called {kind_name(key.kind)}, {me} called {kind_name(expect.kind)}"], False
+    problems = []
+    if key.op != expect.op:
+        problems.append(f"reduce op {op_name(key.op)} on {them} vs {op_name(expect.op)} on {me}")
+    if key.dtype != expect.dtype:
+        problems.append(f"dtype {dtype_name(key.dtype)} on {them} vs {dtype_name(expect.dtype)} on {me}")
+    if check_count and key.count != expect.count:
+        problems.append(f"{key.count} elements on {them} vs {expect.count} on {me}")
+    differs = not problems and not expect.flags & FLAG_P2P and key.call != expect.call
+    return problems, differs
 
 
 @dataclass(eq=False)
@@ -140,28 +173,40 @@ class Posted:
     me: int = -1
     mismatch: CollectiveError | None = None
     discard: bool = False  # abandoned (cancelled point to point): drop the frame when it comes
+    # The mismatch is in what the call digest covers: the receive stays pending (its collective
+    # cannot finish) until the sender, asked, fails it with a message naming both calls.
+    undescribed: bool = False
 
     def check(self, key: FrameKey, nbytes: int) -> CollectiveError | None:
-        e = self.expect
         them, me = f"rank {self.peer}", f"rank {self.me}"
-        problems = []
-        if key.kind != e.kind:
-            problems.append(f"{them} called {kind_name(key.kind)}, {me} called {kind_name(e.kind)}")
-        else:
-            if key.op != e.op:
-                problems.append(f"reduce op {_op_name(key.op)} on {them} vs {_op_name(e.op)} on {me}")
-            if key.dtype != e.dtype:
-                problems.append(f"dtype {_dtype_name(key.dtype)} on {them} vs {_dtype_name(e.dtype)} on {me}")
-            if self.check_count and key.count != e.count:
-                problems.append(f"{key.count} elements on {them} vs {e.count} on {me}")
-            if not problems and nbytes != self.buffer.nbytes:
-                problems.append(f"{them} sent {nbytes} bytes, {me} expected {self.buffer.nbytes}")
+        problems, differs = compare(key, self.expect, self.check_count, them, me)
+        self.undescribed = differs
+        if differs:
+            op = self.op
+            problems.append(_undescribed(op.op if op else kind_name(key.kind), op.call if op else NO_CALL, them, me))
+        elif not problems and nbytes != self.buffer.nbytes:
+            problems.append(f"{them} sent {nbytes} bytes, {me} expected {self.buffer.nbytes}")
         if not problems:
             return None
         message = "collective mismatch: " + "; ".join(problems)
         if self.op is None:
             return MismatchError(message, ranks=(self.peer, self.me))
         return self.op.error(MismatchError, message, (self.peer, self.me))
+
+
+def _undescribed(name: str, call: Call, them: str, me: str) -> str:
+    mine = ", ".join(f"{n} {show_value(v)}" for n, v in call.fields) or "no arguments to compare"
+    return f"{them} called {name} with other arguments than {me} ({mine} on {me}; {them} did not say which)"
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A collective this rank started, kept a while to answer DESCRIBE about it."""
+
+    group: str
+    op: str
+    members: frozenset[int]
+    call: Call
 
 
 class Communicator:
@@ -189,6 +234,7 @@ class Communicator:
         self._broken_from: dict[int, int] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._calls: OrderedDict[tuple[int, int], _Record] = OrderedDict()
 
     # ----------------------------------------------------------------- connections
     def add_connection(self, peer: int, conn: Connection) -> None:
@@ -246,6 +292,9 @@ class Communicator:
                 if posted.mismatch is None and buffer.nbytes:
                     posted.buffer[:] = buffer
             if posted.mismatch is not None:
+                if posted.undescribed and posted.op is not None:
+                    self.describe(posted.op, peer)
+                    return
                 self._mismatch(posted.op, posted.mismatch)
                 posted.future.set_exception(posted.mismatch)
             else:
@@ -253,6 +302,13 @@ class Communicator:
             return
         if self._doomed(k.gid, k.seq, bool(k.flags & FLAG_P2P)):
             return  # a collective of a broken group: nobody will ever ask for it
+        if not k.flags & FLAG_P2P:
+            # Nobody asked for this frame yet; if this rank is in the collective it belongs to,
+            # the frame must still describe that collective (a broadcast root and a reduce leaf
+            # only send: neither would ever look at the other's frame).
+            op = self._op_at(k.gid, k.seq)
+            if op is not None and self._screen(op, peer, k):
+                return
         self._unexpected[(peer, k.slot)] = (k, buffer)
         self._unexpected_bytes += buffer.nbytes
 
@@ -365,7 +421,9 @@ class Communicator:
             k, data = got
             self._unexpected_bytes -= data.nbytes
             err = posted.check(k, data.nbytes)
-            if err is not None:
+            if err is not None and posted.undescribed and op is not None:
+                self.describe(op, peer)  # the receive stays pending; the answer fails the op
+            elif err is not None:
                 self._mismatch(op, err)
                 fut.set_exception(err)
             else:
@@ -386,6 +444,139 @@ class Communicator:
         if op is not None:
             op.posted.add(posted)
         return fut
+
+    def expect(self, op: ActiveOp, key: FrameKey, call: Call, *, check_count: bool = True,
+               timeout: float | None = None) -> None:
+        """Say what every frame of collective ``op`` must describe (``key``: kind, op, dtype,
+        count, call digest) and what its call was, so that frames that arrive for it before
+        or without a receive are checked too, and a DESCRIBE about it can be answered.
+
+        Frames already waiting for ``op`` are checked now. ``timeout``: the collective's, to
+        bound how long a DESCRIBE waits for its answer.
+        """
+        op.expect, op.call, op.check_count = key, call, check_count
+        op.describe_wait = DESCRIBE_WAIT_S if timeout is None else min(DESCRIBE_WAIT_S, timeout / 2)
+        self._calls[(op.gid, op.seq)] = _Record(op.group, op.op, op.members, call)
+        if len(self._calls) > _MAX_CALLS:
+            self._calls.popitem(last=False)
+        if self._unexpected:
+            for slot_key, (k, data) in list(self._unexpected.items()):
+                peer, slot = slot_key
+                if slot[0] == op.gid and slot[1] == op.seq and not slot[3] & FLAG_P2P and self._screen(op, peer, k):
+                    del self._unexpected[slot_key]
+                    self._unexpected_bytes -= data.nbytes
+
+    def agree(self, op: ActiveOp, ranks: tuple[int, ...], me: int) -> asyncio.Future[None]:
+        """Exchange empty frames describing ``op`` (the key given to :meth:`expect`) with the
+        other members ``ranks`` (``me`` is this rank's index) in ceil(log2 W) dissemination
+        rounds, as a barrier does; the future completes after the last round.
+
+        The rounds run beside the collective's own schedule (their own step numbers, each round
+        sent once the previous one arrived and matched), so they cannot deadlock with it. Every
+        frame is checked as any frame of ``op``: when the future completes, every member is
+        known, directly or through members that checked, to have called what this rank called;
+        a member that saw another call holds its rounds back, so nobody gets that far.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        size = len(ranks)
+        expect = op.expect
+        assert expect is not None, "agree() after expect()"
+        nothing = memoryview(b"")
+
+        def start(k: int, distance: int) -> None:
+            if distance >= size:
+                if not done.done():
+                    done.set_result(None)
+                return
+            key = FrameKey(op.gid, op.seq, AGREE_STEP + k, expect.kind, expect.op, expect.dtype, 0, expect.count,
+                           expect.call)
+            self.spawn(self._send_quietly(ranks[(me + distance) % size], key, nothing))
+            got = self.post_recv(ranks[(me - distance) % size], key, memoryview(bytearray(0)), op,
+                                 check_count=op.check_count)
+            got.add_done_callback(lambda f: arrived(f, k, distance))
+
+        def arrived(f: asyncio.Future[None], k: int, distance: int) -> None:
+            if f.cancelled() or f.exception() is not None or op.failure.done():
+                return  # the collective failed or ended: its own error is what is raised
+            start(k + 1, distance << 1)
+
+        start(0, 1)
+        return done
+
+    def _op_at(self, gid: int, seq: int) -> ActiveOp | None:
+        for op in self._active:
+            if op.seq == seq and op.gid == gid and not op.p2p:
+                return op
+        return None
+
+    def _screen(self, op: ActiveOp, peer: int, k: FrameKey) -> bool:
+        """Check a frame for ``op`` that no receive was posted for; True if it mismatches
+        (then ``op`` fails, or its sender is asked what it called)."""
+        if op.expect is None or peer not in op.members:
+            return False
+        problems, differs = compare(k, op.expect, op.check_count, f"rank {peer}", f"rank {self.rank}")
+        if differs:
+            self.describe(op, peer)
+            return True
+        if problems:
+            op.fail(op.error(MismatchError, "collective mismatch: " + "; ".join(problems), (peer, self.rank)))
+            return True
+        return False
+
+    def describe(self, op: ActiveOp, peer: int) -> None:
+        """Tell ``peer``, whose frame for ``op`` carried another call digest, what this rank
+        called; ``peer`` knows both calls then and fails the collective on every member with a
+        message naming both. If no answer comes in time, ``op`` fails with what is known here.
+        """
+        if peer in op.described or op.failure.done():
+            return
+        op.described.add(peer)
+        body = json.dumps({"op": op.op[:_MAX_OP_NAME], "call": op.call.to_json()}).encode()
+        if len(body) > _MAX_CONTROL:
+            body = json.dumps({"op": op.op[:_MAX_OP_NAME], "call": []}).encode()
+        if peer in self._conns and peer not in self._dead:
+            key = FrameKey(op.gid, op.seq, 0, Kind.DESCRIBE, 0, 0, FLAG_CONTROL, 0)
+            self.spawn(self._send_quietly(peer, key, memoryview(body)))
+        partial = op.error(
+            MismatchError,
+            "collective mismatch: " + _undescribed(op.op, op.call, f"rank {peer}", f"rank {self.rank}"),
+            (peer, self.rank),
+        )
+        asyncio.get_running_loop().call_later(op.describe_wait, op.fail, partial)
+
+    def _on_describe(self, peer: int, key: FrameKey, body: bytes) -> None:
+        try:
+            info = json.loads(body)
+            theirs = Call.from_json(info["call"])
+            their_op = str(info["op"])[:_MAX_OP_NAME]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("rank %d: malformed DESCRIBE from rank %d: %s", self.rank, peer, exc)
+            return
+        op = self._op_at(key.gid, key.seq)
+        if op is not None and op.expect is not None:
+            rec: _Record | None = _Record(op.group, op.op, op.members, op.call)
+        else:
+            op, rec = None, self._calls.get((key.gid, key.seq))
+        if rec is None or peer not in rec.members:
+            log.debug("rank %d: DESCRIBE from rank %d about a collective unknown here", self.rank, peer)
+            return
+        me, them = f"rank {self.rank}", f"rank {peer}"
+        problems = rec.call.differences(theirs, me, them)
+        if their_op != rec.op:
+            problems.insert(0, f"{them} called {their_op}, {me} called {rec.op}")
+        if not problems:
+            problems = [f"{them} and {me} called {rec.op} with arguments whose digests differ"]
+        message = "collective mismatch: " + "; ".join(problems)
+        if op is not None:
+            # Its driver ends it: the group breaks from this step and every member is told.
+            op.fail(op.error(MismatchError, message, (self.rank, peer)))
+            return
+        if self._doomed(key.gid, key.seq, False):
+            return  # already broken at or before this step: the members were told
+        err = MismatchError(message, group=rec.group, seq=key.seq, op=rec.op, ranks=(self.rank, peer))
+        self._break(key.gid, err, key.seq)
+        stand_in = ActiveOp(rec.group, key.gid, key.seq, rec.op, rec.members, asyncio.get_running_loop().create_future())
+        self._broadcast_abort(stand_in, err)
 
     def withdraw(self, op: ActiveOp) -> bool:
         """Take back ``op``'s receives if none has begun or finished receiving; False (and
@@ -530,6 +721,9 @@ class Communicator:
     def _on_control(self, peer: int, key: FrameKey, body: bytes) -> None:
         if key.kind == Kind.LOST:
             self._on_lost_notice(peer, body)
+            return
+        if key.kind == Kind.DESCRIBE:
+            self._on_describe(peer, key, body)
             return
         if key.kind == Kind.WAITING:
             theirs = body.decode("utf-8", "replace")

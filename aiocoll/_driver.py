@@ -24,7 +24,7 @@ from typing import Any
 from ._comm import ActiveOp, Communicator
 from ._errors import CollectiveError, CollectiveTimeoutError
 from ._group import ProcessGroup
-from ._wire import FLAG_P2P, FrameKey, Kind
+from ._wire import FLAG_P2P, NO_CALL, Call, FrameKey, Kind
 from .algorithms import Recv, Schedule, Send
 
 #: Payloads at least this large have their local work (reductions, copies) run off the loop.
@@ -112,11 +112,17 @@ async def run_schedule(
     dtype: int = 0,
     count: int = 0,
     check_count: bool = True,
+    call: Call = NO_CALL,
+    agree: bool = False,
     timeout: float | None,
     offload: bool = False,
 ) -> None:
     """Run ``schedule`` as collective number ``seq`` of ``group``.
 
+    ``call``: what the members must agree on besides kind, op, dtype and count (its digest goes
+    in every frame). ``agree``: also exchange empty frames with every member alongside
+    (Communicator.agree), for schedules in which some members only send or only receive: the
+    collective finishes nowhere before every member has seen that all called the same.
     ``offload``: run the schedule's local work on a worker thread (for large payloads).
 
     Raises:
@@ -127,6 +133,10 @@ async def run_schedule(
     comm = group.world.comm
     ranks = group.ranks
     active = comm.begin(group.name, group.gid, seq, name, frozenset(ranks))
+    digest = call.digest
+    comm.expect(active, FrameKey(group.gid, seq, 0, kind, op, dtype, 0, count, digest), call,
+                check_count=check_count, timeout=timeout)
+    agreed = comm.agree(active, ranks, group.rank) if agree else None
     sent = [0] * group.size
     received = [0] * group.size
     loop = asyncio.get_running_loop()
@@ -147,11 +157,13 @@ async def run_schedule(
                     else:
                         batch = _step(schedule)
                     if batch is None:
+                        if agreed is not None:
+                            await _wait(comm, active, [agreed])
                         break
                     waiters: list[asyncio.Future[Any]] = []
                     for item in batch:
                         if isinstance(item, Recv):
-                            key = FrameKey(group.gid, seq, received[item.peer], kind, op, dtype, 0, count)
+                            key = FrameKey(group.gid, seq, received[item.peer], kind, op, dtype, 0, count, digest)
                             received[item.peer] += 1
                             waiters.append(
                                 comm.post_recv(ranks[item.peer], key, _bytes(item.into), active, check_count=check_count)
@@ -159,7 +171,7 @@ async def run_schedule(
                     sends.clear()
                     for item in batch:
                         if isinstance(item, Send):
-                            key = FrameKey(group.gid, seq, sent[item.peer], kind, op, dtype, 0, count)
+                            key = FrameKey(group.gid, seq, sent[item.peer], kind, op, dtype, 0, count, digest)
                             sent[item.peer] += 1
                             fut = comm.spawn(comm.send(ranks[item.peer], key, _bytes(item.data)))
                             sends.append((ranks[item.peer], fut))

@@ -300,7 +300,15 @@ def all_gather_pipelined(ctx: Context, x: Array, out: Array) -> Algorithm:
 
 # --------------------------------------------------------------------------- broadcast
 def broadcast_pipelined(ctx: Context, root: int, buf: Array) -> Algorithm:
-    """Copy member ``root``'s ``buf`` into everyone's ``buf``."""
+    """Copy member ``root``'s ``buf`` into everyone's ``buf``.
+
+    In the first round every member also waits for every other to arrive and checks its
+    descriptor (members that are not the root publish A on arrival, as the other collectives'
+    members do once their input is in): otherwise the root, which needs nobody, would finish
+    whatever the others called (another collective, another root), and so would members that
+    took themselves for roots. The root publishes F of that round only after its check, so
+    nobody reuses the descriptor slot before it has been read.
+    """
     seg, r, D = ctx.seg, ctx.rank, ctx.seg.depth
     s = buf.itemsize
     n = buf.size
@@ -314,9 +322,18 @@ def broadcast_pipelined(ctx: Context, root: int, buf: Array) -> Algorithm:
         if r == root:
             yield _reuse(ctx, g)
             seg.stage[r][slot][: (hi - lo) * s] = bb[lo * s : hi * s]
-            ctx.publish((A, B, F), g + 1)
+            if k == 0:
+                ctx.publish((A,), g + 1)
+                yield Wait(A, g + 1, ctx.others, first=True)
+                ctx.publish((B, F), g + 1)
+            else:
+                ctx.publish((A, B, F), g + 1)
         else:
-            yield Wait(A, g + 1, (root,), first=(k == 0))
+            if k == 0:
+                ctx.publish((A,), g + 1)
+                yield Wait(A, g + 1, ctx.others, first=True)
+            else:
+                yield Wait(A, g + 1, (root,))
             bb[lo * s : hi * s] = seg.stage[root][slot][: (hi - lo) * s]
             ctx.publish((A, B, F), g + 1)
     return R

@@ -20,8 +20,11 @@ that arrived for a setup that failed stays with the transport until this group's
 or the transport does. Pages are committed as collectives touch them: a group that only ever
 runs small collectives costs a few pages per member, not the whole segment.
 
-Operations run one at a time per group, in the order they were called (the same order on every
-member, which is what makes the shared counters meaningful). Each is registered with the
+Operations run one at a time per group, in the order their collectives claimed their sequence
+numbers (the same order on every member, which is what makes the shared counters meaningful):
+a collective takes its place (``reserve``) when it claims its number, before its first await,
+so one that awaits something first (a collective of several steps) cannot be overtaken on some
+members and not on others. Each is registered with the
 communicator (``comm.begin``), so a dead peer or another member's abort fails it; it honours
 its timeout (CollectiveTimeoutError naming the members whose counters did not move); and a
 failure or cancellation breaks the engine and the group for good: counters that are out of step
@@ -42,7 +45,6 @@ resumed before the thread has let go of the caller's arrays.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -57,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _shm_algorithms as algo
-from ._comm import ActiveOp
+from ._comm import ActiveOp, dtype_name, op_name
 from ._dtypes import WireDtype
 from ._errors import (
     CollectiveTimeoutError,
@@ -71,7 +73,7 @@ from ._ops import ReduceOp
 from ._shm_doorbell import SLEEP_SLICE_S, SPIN_S, Doorbell, fence, spin_until
 from ._shm_layout import A, B, F, GroupSegment, peek, segment_bytes
 from ._shm_segment import create_anonymous, map_fd
-from ._wire import FrameKey, Kind
+from ._wire import NO_CALL, Call, FrameKey, Kind, kind_name
 
 if TYPE_CHECKING:
     from ._group import ProcessGroup
@@ -139,6 +141,28 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _differences(mine: tuple[int, ...], theirs: tuple[int, ...], me: str, them: str) -> list[str]:
+    """The descriptor words that differ, in words (the last one, the call digest, is left to
+    a DESCRIBE: only its owner can say what it stands for)."""
+    _, kind, op, code, count, root, algorithm = mine[:7]
+    t_kind, t_op, t_code, t_count, t_root, t_algorithm = theirs[1:7]
+    if t_kind != kind:
+        return [f"{them} called {kind_name(t_kind)}, {me} called {kind_name(kind)}"]
+    out = []
+    if t_op != op:
+        out.append(f"reduce op {op_name(t_op)} on {them} vs {op_name(op)} on {me}")
+    if t_code != code:
+        out.append(f"dtype {dtype_name(t_code)} on {them} vs {dtype_name(code)} on {me}")
+    if t_count != count:
+        out.append(f"{t_count} elements on {them} vs {count} on {me}")
+    if t_root != root:
+        out.append(f"src {t_root} on {them} vs {root} on {me}")
+    if not out and (t_algorithm != algorithm or theirs[0] != mine[0]):
+        out.append(f"operation {theirs[0]} (algorithm {t_algorithm}) on {them} vs {mine[0]} (algorithm {algorithm}) "
+                   f"on {me}: the members' settings differ")
+    return out
+
+
 class _Stopped(Exception):
     """The worker thread was told to stop (abort, timeout, cancellation)."""
 
@@ -160,8 +184,13 @@ class ShmEngine:
         self.rank = group.rank
         self.members = group.ranks
         self.name = group.name
-        self._busy = False
-        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._comm = group.world.comm
+        # Turns, in reserve() order: the lowest ticket not finished runs; see _acquire.
+        self._issued = 0
+        self._turn = 0
+        self._holder: int | None = None
+        self._finished: set[int] = set()
+        self._turn_waiters: dict[int, asyncio.Future[None]] = {}
         self._others = tuple(p for p in range(group.size) if p != group.rank)
         self._member_set = frozenset(group.ranks)
         self._typed: dict[tuple[str, int], list[Array]] = {}
@@ -191,8 +220,24 @@ class ShmEngine:
         return self._closed
 
     # ------------------------------------------------------------------ public operations
+    def reserve(self) -> int:
+        """This engine's next turn, for a collective that claims its sequence number now.
+
+        Pass it to the operation (``ticket=``); a collective that will not run after all gives
+        it back with :meth:`abandon`, or the operations after it wait for it until they time out.
+        """
+        ticket = self._issued
+        self._issued += 1
+        return ticket
+
+    def abandon(self, ticket: int) -> None:
+        """Give ``ticket`` back unused (no-op if its operation ran or is running)."""
+        if ticket != self._holder:
+            self._finish(ticket)
+
     async def all_reduce(
-        self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float
+        self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float,
+        *, ticket: int | None = None, call: Call = NO_CALL,
     ) -> None:
         """``out`` = reduction of every member's ``x`` (flat arrays; AVG is left a SUM).
 
@@ -206,11 +251,13 @@ class ShmEngine:
             return algo.all_reduce_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
 
         await self._run(
-            g, seq, "all_reduce", Kind.ALL_REDUCE, int(op), code, x.size, 0, x.nbytes, timeout, build, (op, code, x, out)
+            g, seq, "all_reduce", Kind.ALL_REDUCE, int(op), code, x.size, 0, x.nbytes, timeout, build, ticket, call,
+            (op, code, x, out),
         )
 
     async def reduce_scatter(
-        self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float
+        self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float,
+        *, ticket: int | None = None, call: Call = NO_CALL,
     ) -> None:
         """``out`` = block ``group.rank`` of the reduction of every member's ``x`` (W blocks).
 
@@ -221,9 +268,14 @@ class ShmEngine:
         def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
             return algo.reduce_scatter_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
 
-        await self._run(g, seq, "reduce_scatter", Kind.REDUCE_SCATTER, int(op), code, x.size, 0, x.nbytes, timeout, build)
+        await self._run(
+            g, seq, "reduce_scatter", Kind.REDUCE_SCATTER, int(op), code, x.size, 0, x.nbytes, timeout, build, ticket, call
+        )
 
-    async def all_gather(self, g: ProcessGroup, seq: int, code: WireDtype, x: Array, out: Array, timeout: float) -> None:
+    async def all_gather(
+        self, g: ProcessGroup, seq: int, code: WireDtype, x: Array, out: Array, timeout: float,
+        *, ticket: int | None = None, call: Call = NO_CALL,
+    ) -> None:
         """``out`` = every member's ``x`` in group-rank order.
 
         Raises:
@@ -233,20 +285,22 @@ class ShmEngine:
         def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
             return algo.all_gather_pipelined(ctx, x, out), algo.ALGO_PIPELINED
 
-        await self._run(g, seq, "all_gather", Kind.ALL_GATHER, 0, code, x.size, 0, out.nbytes, timeout, build)
+        await self._run(g, seq, "all_gather", Kind.ALL_GATHER, 0, code, x.size, 0, out.nbytes, timeout, build, ticket, call)
 
-    async def broadcast(self, g: ProcessGroup, seq: int, root: int, code: WireDtype, buf: Array, timeout: float) -> None:
+    async def broadcast(
+        self, g: ProcessGroup, seq: int, root: int, code: WireDtype, buf: Array, timeout: float,
+        *, ticket: int | None = None, call: Call = NO_CALL,
+    ) -> None:
         """Copy group rank ``root``'s ``buf`` into every member's ``buf``.
 
         Raises:
-            CollectiveError, asyncio.CancelledError: as ``all_reduce`` (the root, which waits for
-                nobody, learns of a mismatch from the others' abort, at its next call at latest).
+            CollectiveError, asyncio.CancelledError: as ``all_reduce``.
         """
 
         def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
             return algo.broadcast_pipelined(ctx, root, buf), algo.ALGO_PIPELINED
 
-        await self._run(g, seq, "broadcast", Kind.BROADCAST, 0, code, buf.size, root, buf.nbytes, timeout, build)
+        await self._run(g, seq, "broadcast", Kind.BROADCAST, 0, code, buf.size, root, buf.nbytes, timeout, build, ticket, call)
 
     # ------------------------------------------------------------------ one operation
     async def _run(
@@ -262,23 +316,33 @@ class ShmEngine:
         nbytes: int,
         timeout: float,
         build: Callable[[algo.Context], tuple[algo.Algorithm, int]],
+        ticket: int | None,
+        call: Call,
         small: tuple[ReduceOp, WireDtype, Array, Array] | None = None,
     ) -> None:
+        if ticket is None:
+            ticket = self.reserve()
         comm = g.world.comm
-        active = comm.begin(g.name, g.gid, seq, name, self._member_set)
+        try:
+            active = comm.begin(g.name, g.gid, seq, name, self._member_set)
+        except BaseException:
+            self.abandon(ticket)
+            raise
+        comm.expect(active, FrameKey(g.gid, seq, 0, int(kind), op, int(code), 0, count, call.digest), call,
+                    timeout=timeout)
         # A deadline rather than asyncio.timeout around everything: a small operation that
         # never has to sleep then pays nothing for its timeout (see _wait_async).
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             try:
-                await self._acquire(deadline)
+                await self._acquire(ticket, deadline)
                 try:
                     if self._broken is not None or self._closed:
                         why = self._broken or self._closed_why
                         raise active.error(GroupBrokenError, f"group is broken: {why}", ())
                     if self._seg is None:
                         async with asyncio.timeout_at(deadline):
-                            await self._setup(g, seq, kind, op, code, count, active)
+                            await self._setup(g, seq, kind, op, code, count, call, active)
                     seg = self._seg
                     assert seg is not None
                     op_no = self._op_no
@@ -291,14 +355,14 @@ class ShmEngine:
                         if not self._satisfied(reuse):
                             await self._wait_async(reuse, active, deadline)
                     if small is not None and nbytes <= seg.direct_max:
-                        desc = (op_no, int(kind), op, int(code), count, root, algo.ALGO_DIRECT)
+                        desc = (op_no, int(kind), op, int(code), count, root, algo.ALGO_DIRECT, call.digest)
                         seg.write_descriptor(self.rank, self._base % seg.depth, desc)
                         await self._all_reduce_direct(*small, desc, active, deadline)
                         self._base += 1
                     else:
                         ctx = algo.Context(seg, self.rank, self._base, self._publish)
                         gen, algorithm = build(ctx)
-                        desc = (op_no, int(kind), op, int(code), count, root, algorithm)
+                        desc = (op_no, int(kind), op, int(code), count, root, algorithm, call.digest)
                         seg.write_descriptor(self.rank, self._base % seg.depth, desc)
                         async with asyncio.timeout_at(deadline):
                             if nbytes >= self.thread_min:
@@ -307,7 +371,7 @@ class ShmEngine:
                                 rounds = await self._drive(gen, active, desc, deadline)
                         self._base += rounds
                 finally:
-                    self._release()
+                    self._release(ticket)
             except TimeoutError:
                 raise self._timeout_error(active, name, timeout) from None
         except BaseException as exc:
@@ -317,34 +381,43 @@ class ShmEngine:
             raise
         comm.end(active)
 
-    async def _acquire(self, deadline: float) -> None:
-        """Take this engine's turn: operations run one at a time, in the order they were called
-        (asyncio.Lock would do, at several times the cost on the uncontended path)."""
-        if not self._busy and not self._queue:
-            self._busy = True
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append(fut)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self._release()  # handed the turn just as we gave up: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._queue.remove(fut)
-            raise
+    async def _acquire(self, ticket: int, deadline: float) -> None:
+        """Wait for ``ticket``'s turn: operations run one at a time, in reserve() order
+        (asyncio.Lock would do for call order, at several times the cost uncontended)."""
+        if self._turn != ticket:
+            fut = asyncio.get_running_loop().create_future()
+            self._turn_waiters[ticket] = fut
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await fut
+            except BaseException:
+                self._turn_waiters.pop(ticket, None)
+                self._finish(ticket)  # handed the turn just as we gave up, or never: pass it on
+                raise
+        self._holder = ticket
 
-    def _release(self) -> None:
-        while self._queue:
-            fut = self._queue.popleft()
-            if not fut.done():
-                fut.set_result(None)  # ownership passes straight to the next in line
-                return
-        self._busy = False
-        if self._retiring is not None:
+    def _release(self, ticket: int) -> None:
+        if self._holder == ticket:
+            self._holder = None
+        self._finish(ticket)
+
+    def _finish(self, ticket: int) -> None:
+        """``ticket`` ran or never will; the lowest unfinished ticket gets the turn."""
+        if ticket < self._turn or ticket in self._finished:
+            return
+        self._finished.add(ticket)
+        while self._turn in self._finished:
+            self._finished.discard(self._turn)
+            self._turn += 1
+        fut = self._turn_waiters.pop(self._turn, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)  # ownership passes straight to the next in line
+        elif self._retiring is not None and self._idle():
             self.close(why=self._retiring)
+
+    def _idle(self) -> bool:
+        """No operation running, and none that reserved a turn still to run."""
+        return self._holder is None and self._turn == self._issued
 
     # ------------------------------------------------------------------ small all_reduce
     def _views(self, dtype: np.dtype[Any], slot: int) -> list[Array]:
@@ -382,7 +455,8 @@ class ShmEngine:
             # frame alive in its traceback, and a view in it would keep the segment mapped
             # after the engine closes.
             await self._wait_async(arrived, active, deadline)
-        self._check_descriptors(arrived, desc, active)
+        if self._check_descriptors(arrived, desc, active):
+            await self._until_failed(active, deadline)
         if n:
             # Own input from the slot too: ``out`` may be ``x`` (all_reduce with out=x).
             algo.fold(op, code, [v[:n] for v in self._views(x.dtype, slot)], out)
@@ -402,10 +476,10 @@ class ShmEngine:
 
     # ------------------------------------------------------------------ setup
     async def _setup(
-        self, g: ProcessGroup, seq: int, kind: Kind, op: int, code: WireDtype, count: int, active: ActiveOp
+        self, g: ProcessGroup, seq: int, kind: Kind, op: int, code: WireDtype, count: int, call: Call, active: ActiveOp
     ) -> None:
         comm = g.world.comm
-        key = FrameKey(g.gid, seq, 0, int(kind), op, int(code), 0, count)
+        key = FrameKey(g.gid, seq, 0, int(kind), op, int(code), 0, count, call.digest)
         bell = Doorbell()
         fd = -1
         seg: GroupSegment | None = None
@@ -536,20 +610,44 @@ class ShmEngine:
                 return False
         return True
 
-    def _check_descriptors(self, w: algo.Wait, desc: tuple[int, ...], active: ActiveOp) -> None:
+    def _check_descriptors(self, w: algo.Wait, desc: tuple[int, ...], active: ActiveOp, on_loop: bool = True) -> bool:
+        """Raise MismatchError if a member of ``w`` described its operation otherwise.
+
+        Returns True if they differ only in what the call digest covers (shape, dim): the
+        member was then asked what it called (over the group's links, so only ``on_loop``) and
+        its answer fails the operation with a message naming both calls; the caller waits for
+        that (_until_failed).
+        """
         seg = self._seg
         assert seg is not None
         slot = self._base % seg.depth
-        fields = ("operation number", "collective", "reduce op", "dtype", "element count", "root", "algorithm")
+        me = self.members[self.rank]
+        undescribed = False
         for p in w.members:
             theirs = tuple(seg.descriptor(p, slot, len(desc)))
-            if theirs != desc:
-                diffs = [
-                    f"{what} {b} on rank {self.members[p]} vs {a} here"
-                    for what, a, b in zip(fields, desc, theirs)
-                    if a != b
-                ]
-                raise active.error(MismatchError, "collective mismatch: " + "; ".join(diffs), (self.members[p], self.members[self.rank]))
+            if theirs == desc:
+                continue
+            them = self.members[p]
+            diffs = _differences(desc, theirs, f"rank {me}", f"rank {them}")
+            if diffs:
+                raise active.error(MismatchError, "collective mismatch: " + "; ".join(diffs), (them, me))
+            if on_loop:
+                self._comm.describe(active, them)
+                undescribed = True
+            else:  # the worker thread cannot talk to the other member: say what is known
+                raise active.error(
+                    MismatchError,
+                    f"collective mismatch: rank {them} called {active.op} with other arguments than rank {me} "
+                    f"({active.call!r} on rank {me})",
+                    (them, me),
+                )
+        return undescribed
+
+    async def _until_failed(self, active: ActiveOp, deadline: float) -> None:
+        """Wait for ``active`` to fail (a member was asked what it called; see describe)."""
+        async with asyncio.timeout_at(deadline):
+            await asyncio.shield(active.failure)
+        raise RuntimeError("the shm engine waited for a failure that did not come")  # pragma: no cover
 
     @staticmethod
     def _failure(active: ActiveOp) -> BaseException | None:
@@ -566,8 +664,8 @@ class ShmEngine:
             while True:
                 if not self._satisfied(w):
                     await self._wait_async(w, active, deadline)
-                if w.first:
-                    self._check_descriptors(w, desc, active)
+                if w.first and self._check_descriptors(w, desc, active):
+                    await self._until_failed(active, deadline)
                 if time.perf_counter() > yield_at:
                     await asyncio.sleep(0)
                     failure = self._failure(active)
@@ -647,7 +745,7 @@ class ShmEngine:
                 if not self._satisfied(w):
                     self._wait_blocking(w)
                 if w.first:
-                    self._check_descriptors(w, desc, active)
+                    self._check_descriptors(w, desc, active, on_loop=False)
                 if self._stop.is_set():
                     raise _Stopped()
                 w = gen.send(None)
@@ -680,7 +778,7 @@ class ShmEngine:
         if self._closed:
             return
         self._retiring = why
-        if not self._busy and not self._queue:
+        if self._idle():
             self.close(why=why)
 
     def close(self, abort: bool = False, *, why: str = "the shm transport closed") -> None:

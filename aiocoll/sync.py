@@ -108,6 +108,48 @@ _loops: weakref.WeakKeyDictionary[World, asyncio.AbstractEventLoop] = weakref.We
 _pending: set[concurrent.futures.Future[Any]] = set()
 _pending_lock = threading.Lock()
 
+#: Per world, the unit of work that claims its places last so far (see _in_order).
+_last_claim: weakref.WeakKeyDictionary[World, asyncio.Future[None]] = weakref.WeakKeyDictionary()
+
+
+async def _in_order(world: World | None, start: Callable[[], Awaitable[T]],
+                   ready: Awaitable[Any] | None = None) -> T:
+    """Run ``start()`` once every unit handed to _in_order before it on ``world`` has claimed its
+    places (sequence numbers), and before any handed to it later claims theirs.
+
+    ``start()`` must claim its places in its first step (before its first suspension), as the
+    collectives do. ``ready``, if given, is awaited first while holding the unit's place (an
+    aiocoll.torch unit waits there for its CUDA inputs to reach the host). Units are handed to
+    _in_order on the world's loop in the order threads submit them, so work that threads submit
+    (blocking calls, aiocoll.torch) claims in the order each thread made its calls.
+
+    Raises:
+        Whatever ``ready`` or ``start()``'s awaitable raises; CancelledError if cancelled while
+        waiting for its turn (the units after it then go on).
+    """
+    if world is None:
+        if ready is not None:
+            await ready
+        return await start()
+    mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    before = _last_claim.get(world)
+    _last_claim[world] = mine
+    try:
+        if before is not None and not before.done():
+            await before
+        if ready is not None:
+            await ready
+        claiming = start()
+    except BaseException:
+        mine.set_result(None)
+        if asyncio.iscoroutine(ready):
+            ready.close()
+        raise
+    # Set first, awaited second: whoever waits for ``mine`` runs only after this step, which
+    # has by then run ``claiming`` up to its first suspension, past its claims.
+    mine.set_result(None)
+    return await claiming
+
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
@@ -260,7 +302,9 @@ def _blocking(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
         with _streams_of(args, kwargs):
 
             async def go() -> T:
-                return await fn(*args, **kwargs)
+                # The collective claims its place in its first step: in the order of this
+                # thread's calls, also relative to its aiocoll.torch work (see _in_order).
+                return await _in_order(_world_or_none(), lambda: fn(*args, **kwargs))
 
             return wait(submit(go()))
 

@@ -20,6 +20,7 @@ import pytest
 import aiocoll
 from aiocoll._comm import Communicator
 from aiocoll._dtypes import WireDtype
+from aiocoll._objects import _broadcast_payload_start
 from aiocoll._ops import ReduceOp
 from aiocoll._wire import FLAG_CONTROL, FrameKey, Kind
 from aiocoll.testing import run_ranks
@@ -82,11 +83,10 @@ async def test_pickled_bytes_are_refused_by_a_rank_that_did_not_opt_in(tmp_path)
 
     async def body(rank):
         if rank == 0:
-            # broadcast_object's wire format (size, then b"P" + pickle), sent by hand so that
-            # this rank, sharing the test's process, does not load it itself
+            # broadcast_object's collective with b"P" + pickle as its payload, without the
+            # decoding, so that this rank, sharing the test's process, does not load it itself
             raw = np.frombuffer(b"P" + pickle.dumps(Exploit()), np.uint8)
-            await aiocoll.broadcast(np.array([raw.size], np.int64), 0)
-            await aiocoll.broadcast(raw, 0)
+            await _broadcast_payload_start(aiocoll.world(), 0, raw, 10.0)
             return "sent"
         with pytest.raises(ValueError, match="allow_pickle is False"):
             await aiocoll.broadcast_object(None, 0)

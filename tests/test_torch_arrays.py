@@ -204,12 +204,13 @@ async def test_coalesced_with_mixed_dtypes_returns_each_dtype():
 async def test_tensor_result_does_not_alias_the_input():
     async def body(rank):
         x = torch.full((3,), float(rank))
-        y = await aiocoll.broadcast(x, src=rank)  # src's own copy
+        y = await aiocoll.broadcast(x, src=0)  # on rank 0: src's own copy
         y += 1
         return x, y
 
     for rank, (x, y) in enumerate(await run_ranks(body, 2)):
         assert torch.equal(x, torch.full((3,), float(rank)))
+        assert torch.equal(y, torch.full((3,), 1.0))
 
 
 # --------------------------------------------------------------------------- out=

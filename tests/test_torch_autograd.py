@@ -279,3 +279,50 @@ async def test_backward_on_another_thread_finds_the_forwards_world():
 
     grads = await blocking_ranks(rank_fn, 2)
     assert grads[0].tolist() == [0.0, 2.0] and grads[1].tolist() == [4.0, 6.0]
+
+
+# --------------------------------------------------------------------------- a result written before it is wrapped
+@pytest.fixture
+def results_written_before_they_are_wrapped(monkeypatch):
+    """Each collective finishes, and its output is written, after the op has returned its output
+    (with its autograd history) and before the output is wrapped as a lazy result: the window
+    a loaded machine opens by preempting the calling thread there."""
+    from aiocoll.torch import _funcol, _work
+
+    real = _funcol.lazy
+
+    def lazy_once_done(t):
+        work = _work.work_of(t)
+        if work is not None:
+            work.future.result(timeout=30)
+        return real(t)
+
+    monkeypatch.setattr(_funcol, "lazy", lazy_once_done)
+
+
+@pytest.mark.parametrize("world_size", WS)
+async def test_gradients_when_the_output_is_written_before_it_is_wrapped(results_written_before_they_are_wrapped, world_size):
+    """The write of a result into the op's output must not be recorded by autograd: recorded,
+    it replaced the output's history with that of a copy, whose gradient for the overwritten
+    output is zero, and every element of the input's gradient came out wrong."""
+    w = world_size
+    await run_check(
+        w,
+        lambda r: [(2, 3), (2 * w, 2)],
+        lambda x, r, w: [
+            ft.all_gather_tensor(x[0], -1, None),
+            ft.all_reduce(x[0], "sum", None),
+            ft.reduce_scatter_tensor(x[1], "sum", 0, None),
+            ft.broadcast(x[0], 1, None),
+        ],
+        lambda xs, w: [
+            [
+                torch.cat([row[0] for row in xs], dim=-1),
+                _sum([row[0] for row in xs]),
+                _split(_sum([row[1] for row in xs]), w, 0)[r],
+                xs[1][0],
+            ]
+            for r in range(w)
+        ],
+        numeric=False,
+    )

@@ -120,7 +120,9 @@ class AiocollProcessGroup(dist.ProcessGroup):
         with _sync._streams_of(tuple(found), {}):
 
             async def run() -> None:
-                await make()
+                # make() claims its collectives' places in its first step, in the order of the
+                # calls of this thread, also relative to its blocking and funcol calls.
+                await _sync._in_order(self._group.world, make)
                 if any(t.device.type == "cuda" for t in found):
                     torch.cuda.current_stream().synchronize()  # results are in the tensors now
 
@@ -211,8 +213,9 @@ class AiocollProcessGroup(dist.ProcessGroup):
         root, g = opts.rootRank, self._group
 
         async def go() -> None:
-            for t in tensors:
-                _into(t, await core.broadcast(t, root, g))
+            # Every broadcast claimed before the first await.
+            for t, r in zip(tensors, await core.together([core.start("broadcast", t, root, g) for t in tensors])):
+                _into(t, r)
 
         return self._start(tensors, go, tensors)
 

@@ -7,7 +7,6 @@ calling rank, so bad input raises at the call and nothing is sent.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import torch
@@ -195,22 +194,12 @@ def all_reduce_coalesced(inputs: list[torch.Tensor], reduce_op: str, group_name:
     outs = [_empty(t.shape, t) for t in inputs]
     if not inputs:
         return outs
-    parts = _by_dtype(inputs)
 
     async def body(host: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        # One all_reduce per dtype, each a task started now (the packing is synchronous).
-        tasks = [
-            asyncio.ensure_future(core.all_reduce(torch.cat([host[i].reshape(-1) for i in idx]), reduce_op, g))
-            for idx in parts
-        ]
-        packed = await asyncio.gather(*tasks)
-        results: list[torch.Tensor | None] = [None] * len(host)
-        for idx, flat in zip(parts, packed):
-            for i, piece in zip(idx, torch.split(flat, [host[i].numel() for i in idx])):
-                results[i] = piece.reshape(host[i].shape)
-        return results
+        # One all_reduce per dtype, all claimed before the first await (see _work.launch).
+        return list(await core.all_reduce_coalesced(host, reduce_op, g))
 
-    launch(inputs, outs, body, spawns=True)
+    launch(inputs, outs, body)
     return outs
 
 
@@ -263,11 +252,10 @@ def reduce_scatter_coalesced(
         def rows(i: int) -> torch.Tensor:
             return host[i].movedim(dims[i], 0).reshape(w, -1)
 
-        tasks = [
-            asyncio.ensure_future(core.reduce_scatter(torch.cat([rows(i) for i in idx], dim=1), reduce_op, g, dim=0))
-            for idx in parts
-        ]
-        packed = await asyncio.gather(*tasks)
+        # Every reduce_scatter claimed before the first await (see _work.launch).
+        packed = await core.together(
+            [core.start("reduce_scatter", torch.cat([rows(i) for i in idx], dim=1), reduce_op, g, dim=0) for idx in parts]
+        )
         results: list[torch.Tensor | None] = [None] * len(host)
         for idx, row in zip(parts, packed):
             widths = [host[i].numel() // w for i in idx]
@@ -277,7 +265,7 @@ def reduce_scatter_coalesced(
                 results[i] = piece.reshape(moved).movedim(0, dims[i])
         return results
 
-    launch(inputs, outs, body, spawns=True)
+    launch(inputs, outs, body)
     return outs
 
 

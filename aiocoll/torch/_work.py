@@ -6,10 +6,11 @@ the call returns at once; waiting for an unfinished one there would deadlock, so
 points to ``await``. Called from any other thread (a training loop), it is handed to that loop
 and waiting blocks the calling thread.
 
-Order: every member of a group must issue the group's collectives in the same order. The
-collectives claim their place (sequence number) when their coroutine first runs; units of
-work started here claim theirs strictly in the order they were started, one unit after the
-other, even when a unit issues several core collectives (coalesced ops of mixed dtypes).
+Order: every member of a group must issue the group's collectives in the same order. A unit
+of work claims its places (sequence numbers) in one go, in the first step of its body, and units
+started here claim theirs strictly in the order they were started, after the blocking calls of
+``aiocoll.sync`` made before them and before those made after (they share one order per world:
+``aiocoll.sync._in_order``), even when a unit first waits for its CUDA inputs.
 
 Inputs are snapshotted when the call is made (CPU: a copy; CUDA: an asynchronous copy into
 pinned host memory on the caller's stream), so the caller may change them at once. CUDA outputs
@@ -101,10 +102,6 @@ _registry_lock = threading.Lock()
 # Units not finished yet, for outstanding() and for tests of dropped results.
 _in_flight: set[Work] = set()
 
-# The last unit started per world, so the next one claims its sequence numbers after it.
-_chain: weakref.WeakKeyDictionary[World, asyncio.Future[None]] = weakref.WeakKeyDictionary()
-
-
 def _forget(key: int) -> None:
     with _registry_lock:
         _by_output.pop(key, None)
@@ -179,6 +176,16 @@ class _Snapshot:
 
 def _finish(outs: Sequence[torch.Tensor], results: Sequence[torch.Tensor | None], streams: dict[int, Any]) -> Any:
     """Copy host results into the outputs; return the CUDA event after the last device copy."""
+    # Writing the result is no operation of the caller's: autograd must not record it. By the
+    # time it runs the op has usually returned, so the output has its history (the op's
+    # backward); a recorded copy_ would replace that history with the copy's, whose gradient for
+    # the overwritten output is zero, and the input's gradient would come out all wrong, on
+    # whichever member the write beat the lazy wrapper's capture of the history.
+    with torch.no_grad():
+        return _copy_out(outs, results, streams)
+
+
+def _copy_out(outs: Sequence[torch.Tensor], results: Sequence[torch.Tensor | None], streams: dict[int, Any]) -> Any:
     event: Any = None
     for out, res in zip(outs, results):
         if res is None:
@@ -215,22 +222,14 @@ def _target_loop(world: World) -> asyncio.AbstractEventLoop:
     return _sync.loop_for(world)  # raises with a hint (bind) when the loop is unknown
 
 
-async def _claim_after(world: World, mine: asyncio.Future[None]) -> None:
-    prev = _chain.get(world)
-    _chain[world] = mine
-    if prev is not None and not prev.done():
-        await prev
-
-
-def launch(inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], body: Body, *, spawns: bool = False) -> Work:
+def launch(inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], body: Body) -> Work:
     """Start ``body`` on the world's loop and register ``outs`` as filled by it.
 
     Args:
         inputs: tensors read by the collective (snapshotted now).
         outs: output tensors (allocated by the caller, on the inputs' device).
-        body: coroutine function on the host snapshots; see :data:`Body`.
-        spawns: ``body`` starts its core collectives as tasks (all of them before its first
-            await) instead of awaiting one core collective first thing.
+        body: coroutine function on the host snapshots; see :data:`Body`. It must claim every
+            place it needs in its first step (start core collectives before awaiting any).
 
     Raises:
         NotInitializedError: no world. RuntimeError: the world's loop is unknown (see sync.bind).
@@ -247,24 +246,9 @@ def launch(inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], body: B
     work = Work(future, loop)
 
     async def run() -> None:
-        mine = asyncio.get_running_loop().create_future()
-        try:
-            await _claim_after(world, mine)
-            # CUDA inputs: wait for their host copies while holding our place, so that no later
-            # unit claims its sequence numbers before ours.
-            host = await snap.ready()
-            if not spawns:
-                mine.set_result(None)  # the body claims synchronously, before it first awaits
-                results = await body(host)
-            else:
-                pending = asyncio.ensure_future(body(host))
-                await asyncio.sleep(0)  # the body's first step: its collectives become tasks
-                await asyncio.sleep(0)  # their first steps: every sequence number is claimed
-                mine.set_result(None)
-                results = await pending
-        finally:
-            if not mine.done():
-                mine.set_result(None)
+        # CUDA inputs: wait for their host copies while holding our place, so that no later
+        # unit claims its sequence numbers before ours.
+        results = await _sync._in_order(world, lambda: body(snap.host), snap.ready())
         work.done_event = _finish(outs, results, streams)
 
     def settle(task: asyncio.Future[None]) -> None:
