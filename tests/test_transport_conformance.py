@@ -8,6 +8,7 @@ event-loop policy (deprecated in 3.14).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import uuid
 from collections.abc import Callable
 
@@ -35,9 +36,27 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
+HAS_UCXX = importlib.util.find_spec("ucxx") is not None
+TRANSPORTS = [
+    "inproc",
+    "tcp",
+    pytest.param(
+        "ucx",
+        marks=pytest.mark.skipif(
+            not HAS_UCXX,
+            reason="ucxx is not installed; runs wherever the ucx-cu12 or ucx-cu13 extra is (pip install -e '.[ucx-cu12]')",
+        ),
+    ),
+]
+
+
 def _setup(transport: str) -> TransportSetup:
     if transport == "inproc":
         return TransportSetup(InprocTransport, options={"world": f"conformance-{uuid.uuid4().hex}"}, authenticates=False)
+    if transport == "ucx":
+        from aiocoll.transports.ucx import UcxTransport
+
+        return TransportSetup(UcxTransport, secret=b"conformance-" + uuid.uuid4().hex.encode())
     return TransportSetup(TcpTransport, secret=b"conformance-" + uuid.uuid4().hex.encode())
 
 
@@ -47,7 +66,7 @@ def _run(loop: str, check: Check, setup: TransportSetup) -> None:
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
-@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_transport_conforms(loop: str, transport: str, check: Check) -> None:
     _run(loop, check, _setup(transport))
