@@ -63,6 +63,7 @@ import os
 import socket
 import struct
 import urllib.parse
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
@@ -214,6 +215,13 @@ class _Op:
         self.done = done
 
 
+def _start_closing(endpoints: list[Any]) -> None:
+    for ep in endpoints:
+        with contextlib.suppress(Exception):
+            ep.close()
+    endpoints.clear()
+
+
 class _Engine:
     """One UCX context and worker, progressed from the event loop whenever its descriptor fires.
 
@@ -228,6 +236,7 @@ class _Engine:
             self.worker = _ucx.UCXWorker(self.context)
             self.worker.init_blocking_progress_mode()
             self.address = bytes(self.worker.address)
+            self.cuda_support = bool(self.context.cuda_support)
         except Exception as exc:
             self.context = self.worker = None
             raise TransportError(f"UCX could not start: {type(exc).__name__}: {exc}") from exc
@@ -241,6 +250,10 @@ class _Engine:
         self._copy_key = os.urandom(_CONN_KEY)
         self._copies = 0
         self._loop.add_reader(self._fd, self._drive)
+        # A transport never closed (its loop simply ended) still must not hang the interpreter's
+        # exit: ucxx's endpoint destructor closes an endpoint by progressing until it is flushed,
+        # without a time limit, unless the endpoint was closed already.
+        self._finalizer = weakref.finalize(self, _start_closing, self._endpoints)
 
     @property
     def closed(self) -> bool:
@@ -393,6 +406,14 @@ class _Engine:
         if self._closed:
             raise TransportError("the UCX worker of this transport is closed")
 
+    def check_cuda(self) -> None:
+        """Raises TransportError if this UCX was built or configured without CUDA support."""
+        if not self.cuda_support:
+            raise TransportError(
+                "UCX here has no CUDA support (a build without CUDA, or UCX_TLS without cuda_copy): "
+                "device memory cannot be sent or received"
+            )
+
     # -- closing
 
     async def aclose(self, timeout: float) -> None:
@@ -412,6 +433,7 @@ class _Engine:
 
     def _finish(self) -> None:
         self._closed = True
+        self._finalizer.detach()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -575,6 +597,7 @@ class UcxConnection:
         iface = cuda_interface(payload)
         if iface is not None:
             nbytes, _ = _device_nbytes(iface, "payload")
+            self._engine.check_cuda()
             data: Any = payload
             inline = None
         else:
@@ -839,6 +862,7 @@ class _Inbound:
         iface = cuda_interface(buffer)
         if iface is not None:
             size, readonly = _device_nbytes(iface, "frame_device_buffer's memory")
+            self._engine.check_cuda()
         else:
             view = _host_view(buffer, "frame_buffer's memory")
             size, readonly = view.nbytes, view.readonly
