@@ -458,11 +458,12 @@ def test_a_rank_that_never_closes_still_exits(tmp_path: Path) -> None:
 
 
 @needs_ucxx
-def test_a_rank_that_never_closes_exits_with_frames_stuck(tmp_path: Path) -> None:
-    # Its peer is stopped, so a large frame can never complete: leaving the event loop must
-    # still end the process (within the transport's timeout), not wait on UCX forever.
+@pytest.mark.parametrize("role", ["stuck", "abandon"])
+def test_a_rank_that_never_closes_exits_with_frames_stuck(tmp_path: Path, role: str) -> None:
+    # Its peer is stopped, so a large frame can never complete: leaving the event loop (with its
+    # tasks cancelled, or simply abandoned) must still end the process, not wait on UCX forever.
     receiver = start_peer("sink", 0, tmp_path, 120)
-    leaver = start_peer("stuck", 1, tmp_path, 0, UCX_TEST_TIMEOUT="3")
+    leaver = start_peer(role, 1, tmp_path, 0, UCX_TEST_TIMEOUT="3")
     try:
         pid = wait_for_line(receiver, "ready")["pid"]
         wait_for_line(leaver, "ready")

@@ -250,9 +250,10 @@ class _Engine:
         self._copy_key = os.urandom(_CONN_KEY)
         self._copies = 0
         self._loop.add_reader(self._fd, self._drive)
-        # A transport never closed (its loop simply ended) still must not hang the interpreter's
-        # exit: ucxx's endpoint destructor closes an endpoint by progressing until it is flushed,
-        # without a time limit, unless the endpoint was closed already.
+        # A transport never closed (its loop simply ended) must not hang the interpreter's exit:
+        # ucxx 0.52's endpoint destructor closes an endpoint that is not closing yet by
+        # progressing the worker until the flush completes, with no time limit. Starting the
+        # close here, at exit or when the engine is collected, makes that destructor return.
         self._finalizer = weakref.finalize(self, _start_closing, self._endpoints)
 
     @property

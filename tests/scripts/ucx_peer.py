@@ -13,6 +13,7 @@ JSON line on stdout, "ready" once connected both ways. Roles:
     leave  send one small frame, then return without closing anything (the interpreter must exit)
     stuck  start sending large frames that cannot complete (the test stops the peer) and small
            ones, then return without closing anything
+    abandon  as stuck, but the event loop is left as it is: its tasks are never cancelled
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ async def main(role: str, rank: int, rendezvous: Path, seconds: float) -> int:
     elif role == "leave":
         await conn.send(b"l".ljust(KEY_SIZE, b"."), pattern(1000))
         emit("leaving")
-    elif role == "stuck":
+    elif role in ("stuck", "abandon"):
         for i in range(4):
             asyncio.get_running_loop().create_task(conn.send(b"b".ljust(KEY_SIZE, b"."), pattern(4 << 20)))
         for i in range(2000):
@@ -111,5 +112,10 @@ async def main(role: str, rank: int, rendezvous: Path, seconds: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]),
-                              float(sys.argv[4]) if len(sys.argv) > 4 else 30.0)))
+    args = (sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 30.0)
+    if args[0] == "abandon":
+        # Leave the loop with its tasks still pending and never close it: nothing is cancelled
+        # or closed, the interpreter just exits.
+        loop = asyncio.new_event_loop()
+        sys.exit(loop.run_until_complete(main(*args)))
+    sys.exit(asyncio.run(main(*args)))
