@@ -102,6 +102,9 @@ class FakeDevice:
             "version": 3,
         }
 
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.array[index] = value
+
 
 class DeviceSink(RecordingSink):
     """Gives device memory (FakeDevice, or real CUDA memory from ``alloc``) for every frame."""
@@ -229,6 +232,20 @@ async def test_device_memory_path_moves_frames_both_ways() -> None:
                 assert frame.key == key(i, tag)
                 assert isinstance(frame.data, FakeDevice)
                 assert np.array_equal(frame.data.array, pattern(n, i + j)), f"{tag!r} frame of {n} bytes"
+
+
+@needs_ucxx
+async def test_device_conformance_check_passes_with_device_labelled_host_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The check itself, and the transport's device path, on a machine without a GPU; on the GPU
+    # machine test_transport_conformance runs it with real CUDA memory.
+    from aiocoll.testing import conformance
+
+    fake = conformance.CudaArrays(lambda n: FakeDevice(np.zeros(n, np.uint8)), lambda d: d.array,
+                                  lambda data: FakeDevice(data.copy()))
+    monkeypatch.setattr(conformance, "cuda_arrays", lambda: fake)
+    await conformance.check_device_frames(conformance.TransportSetup(ucx().UcxTransport, secret=SECRET))
 
 
 @needs_ucxx
