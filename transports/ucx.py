@@ -215,6 +215,17 @@ class _Op:
         self.done = done
 
 
+def _error(request: Any) -> str | None:
+    """None if a finished request succeeded, else what went wrong."""
+    if request.status == 0:
+        return None
+    try:
+        request.check_error()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return f"UCX status {request.status}"
+
+
 def _start_closing(endpoints: list[Any]) -> None:
     for ep in endpoints:
         with contextlib.suppress(Exception):
@@ -284,9 +295,19 @@ class _Engine:
         return ep
 
     def send(self, ep: Any, data: Any, tag: Any, done: Callable[[str | None], None] | None) -> _Op:
+        """Post a send; ``done`` is called once UCX no longer needs ``data``: right here if the
+        send completed inside the call (small eager messages do), which spares the sender two
+        turns of the event loop."""
         self._check()
         array = _Array(data)
-        return self._track(ep.tag_send(array, tag), (array, data), done)
+        request = ep.tag_send(array, tag)
+        if request.completed:
+            op = _Op(request, (), None)
+            self.kick()  # anything UCX left for progress
+            if done is not None:
+                done(_error(request))
+            return op
+        return self._track(request, (array, data), done)
 
     def recv(self, data: Any, tag: Any, done: Callable[[str | None], None] | None) -> _Op:
         self._check()
@@ -310,8 +331,9 @@ class _Engine:
         An endpoint must be closed this way before it is dropped: ucxx's destructor would
         otherwise close it by progressing the worker until done, with no time limit.
         """
-        if ep in self._endpoints:
-            self._endpoints.remove(ep)
+        if ep not in self._endpoints:
+            return  # closed already: a second close() would hand back a request ucxx never made
+        self._endpoints.remove(ep)
         try:
             request = ep.close()
         except Exception as exc:
@@ -322,8 +344,9 @@ class _Engine:
 
     async def flush(self, ep: Any, timeout: float) -> bool:
         """Close ``ep`` gracefully: return once UCX flushed what it sent (False: timed out)."""
-        if ep in self._endpoints:
-            self._endpoints.remove(ep)
+        if ep not in self._endpoints:
+            return True  # closed already
+        self._endpoints.remove(ep)
         fut: asyncio.Future[str | None] = self._loop.create_future()
         try:
             request = ep.close()
@@ -367,31 +390,24 @@ class _Engine:
         if self._closed:
             return
         worker = self.worker
-        while True:
+        # A callback may close the engine (a sink that aborts the transport): stop right there.
+        while not self._closed:
             worker.progress()
             if self._dispatch():
-                continue  # callbacks posted more work
-            if worker.arm():
+                continue  # callbacks may have posted more work
+            if self._closed or worker.arm():
                 break
         self._arm_timer()
 
     def _dispatch(self) -> bool:
         finished = [op for op in self._ops.values() if op.request.completed]
         for op in finished:
-            del self._ops[id(op)]
+            self._ops.pop(id(op), None)
             done, op.done = op.done, None
             if done is None:
                 continue
-            err = None
-            if op.request.status != 0:
-                try:
-                    op.request.check_error()
-                except Exception as exc:
-                    err = f"{type(exc).__name__}: {exc}"
-                else:
-                    err = f"UCX status {op.request.status}"
             try:
-                done(err)
+                done(_error(op.request))
             except Exception:  # a failing callback must not stop progress for everyone else
                 _log.exception("ucx: a completion callback raised")
         return bool(finished)
@@ -1176,9 +1192,15 @@ class UcxTransport:
             self._check_open()
             ep = engine.endpoint(worker_address)
             await loop.sock_sendall(sock, _WIRED)
+            self._check_open()
         except HandshakeError as exc:
             sock.close()
             raise HandshakeError(f"handshake with rank {peer} at {address} failed: {exc}") from exc
+        except TransportError:  # UCX cannot reach the peer's worker, or we were closed meanwhile
+            sock.close()
+            if ep is not None:
+                engine.close_endpoint(ep)
+            raise
         except (asyncio.IncompleteReadError, OSError, TimeoutError) as exc:
             sock.close()
             if ep is not None:
@@ -1186,7 +1208,7 @@ class UcxTransport:
             raise TransportError(f"rank {peer} at {address} dropped the connection while wiring UCX: {exc!r}") from exc
         except BaseException:
             sock.close()
-            if ep is not None and not engine.closed:
+            if ep is not None:
                 engine.close_endpoint(ep)
             raise
         conn = UcxConnection(self, peer, address, sock, ep, conn_key)
