@@ -416,7 +416,6 @@ async def test_a_dead_receiver_fails_the_send_instead_of_hanging(tmp_path: Path)
         await sink.wait_lost(0, 10)
         assert isinstance(sink.lost_from(0)[0], TransportError)
         await asyncio.wait_for(transport.aclose(), 15)
-        assert transport.in_flight == 0
     finally:
         receiver.kill()
         receiver.communicate()
@@ -504,6 +503,14 @@ def open_fds() -> set[str]:
     return found
 
 
+def shared_mappings() -> list[str]:
+    """Shared-memory segments mapped into this process (UCX's sysv/posix fifos among them):
+    a worker that was never destroyed keeps its own mapped."""
+    with open("/proc/self/maps") as maps:
+        lines = [line.split(maxsplit=5) for line in maps]
+    return sorted(f[5].strip() for f in lines if len(f) == 6 and ("SYSV" in f[5] or "/dev/shm" in f[5] or "memfd" in f[5]))
+
+
 @needs_ucxx
 async def test_nothing_outlives_aclose_or_abort() -> None:
     async def cycle(close: str) -> None:
@@ -518,11 +525,10 @@ async def test_nothing_outlives_aclose_or_abort() -> None:
             else:
                 for t in transports:
                     t.abort()
-            assert all(t.in_flight == 0 for t in transports)
 
     await cycle("aclose")  # UCX loads its transports once per process: not a leak
     gc.collect()
-    before, threads = open_fds(), threading.active_count()
+    before, threads, mapped = open_fds(), threading.active_count(), shared_mappings()
     for _ in range(3):
         for close in ("aclose", "abort"):
             await cycle(close)
@@ -530,6 +536,7 @@ async def test_nothing_outlives_aclose_or_abort() -> None:
     gc.collect()
     assert open_fds() - before == set()
     assert threading.active_count() == threads
+    assert shared_mappings() == mapped
 
 
 # ---------------------------------------------------------------------------- one host, shared memory

@@ -113,8 +113,9 @@ _KIND_HEADER = 0
 _KIND_PAYLOAD = 1
 _KIND_COPY = 2
 _TAG_INPUT = struct.Struct("<BQ")
-# While requests are in flight the worker is also progressed on a timer, in case an event were
-# ever missed; idle (nothing but waiting header receives) it runs only on events.
+# While any request is posted (a connection always has its next header receive posted) the worker
+# is also progressed on this timer, in case an event were ever missed. Measured: two idle ranks
+# connected both ways used 4 ms of CPU each in 10 s.
 _SAFETY_S = 0.5
 _BACKOFF_FIRST = 0.01
 _BACKOFF_MAX = 1.0
@@ -271,11 +272,6 @@ class _Engine:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def in_flight(self) -> int:
-        """Requests UCX has not finished (tests use it to see that nothing is left behind)."""
-        return len(self._ops)
-
     # -- posting
 
     def endpoint(self, worker_address: bytes) -> Any:
@@ -355,6 +351,7 @@ class _Engine:
             return False
         if request is None:
             return True
+
         def done(err: str | None) -> None:
             if not fut.done():
                 fut.set_result(err)
@@ -1046,11 +1043,6 @@ class UcxTransport:
     def address(self) -> str:
         """This rank's address (empty before ``listen``)."""
         return self._address
-
-    @property
-    def in_flight(self) -> int:
-        """UCX requests not finished yet (0 once closed)."""
-        return self._engine.in_flight if self._engine is not None and not self._engine.closed else 0
 
     # -- listening
 
