@@ -539,6 +539,21 @@ async def test_nothing_outlives_aclose_or_abort() -> None:
     assert shared_mappings() == mapped
 
 
+# ---------------------------------------------------------------------------- under the collectives
+
+
+@needs_ucxx
+def test_every_collective_is_right_over_ucx_between_processes() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiocoll", "run", "-n", "3", "--transport", "ucx", "--timeout", "60",
+         str(TESTS / "scripts" / "check_collectives.py")],
+        capture_output=True, text=True, timeout=600, env=env(PYTHONPATH=os.pathsep.join((ROOT, str(TESTS)))),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in range(3):
+        assert f"[{r}] rank {r} ok" in proc.stdout
+
+
 # ---------------------------------------------------------------------------- one host, shared memory
 
 
