@@ -15,6 +15,11 @@ Connections are one-way: rank a sends to rank b over the connection a opened to 
 never sends on it. That keeps connect races out of the picture (no "who dials whom") and
 makes a frame's origin the connection's authenticated peer, never a claim inside the frame.
 
+Device memory (optional): a transport whose capabilities say ``cuda_memory`` also takes payloads
+in CUDA memory (``CudaBuffer``: anything with ``__cuda_array_interface__``), and if the sink has
+``frame_device_buffer`` (``DeviceFrameSink``) it calls that instead of ``frame_buffer``, so the
+sink may have a payload land straight in device memory. Other transports and sinks are unchanged.
+
 Lifecycle: ``listen(sink)`` once, then ``connect(peer, address)`` for each peer to send to;
 ``aclose()`` flushes and closes gracefully; ``abort()`` drops everything at once and is safe
 to call from any state, more than once.
