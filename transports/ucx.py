@@ -256,6 +256,7 @@ class _Engine:
         self._ops: dict[int, _Op] = {}
         self._endpoints: list[Any] = []
         self._scheduled = False
+        self._driving = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._self_ep: Any = None
@@ -378,7 +379,8 @@ class _Engine:
 
     def kick(self) -> None:
         """Progress soon, from the event loop (never from inside a caller's frame)."""
-        if not self._scheduled and not self._closed:
+        # Inside _drive, the loop progresses again after every callback anyway.
+        if not self._scheduled and not self._driving and not self._closed:
             self._scheduled = True
             self._loop.call_soon(self._drive)
 
@@ -387,13 +389,17 @@ class _Engine:
         if self._closed:
             return
         worker = self.worker
-        # A callback may close the engine (a sink that aborts the transport): stop right there.
-        while not self._closed:
-            worker.progress()
-            if self._dispatch():
-                continue  # callbacks may have posted more work
-            if self._closed or worker.arm():
-                break
+        self._driving = True
+        try:
+            # A callback may close the engine (a sink that aborts the transport): stop there.
+            while not self._closed:
+                worker.progress()
+                if self._dispatch():
+                    continue  # callbacks may have posted more work
+                if self._closed or worker.arm():
+                    break
+        finally:
+            self._driving = False
         self._arm_timer()
 
     def _dispatch(self) -> bool:
@@ -410,11 +416,12 @@ class _Engine:
         return bool(finished)
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._ops and not self._closed:
-            self._timer = self._loop.call_later(_SAFETY_S, self._drive)
+        if self._timer is None and self._ops and not self._closed:
+            self._timer = self._loop.call_later(_SAFETY_S, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._drive()
 
     def _check(self) -> None:
         if self._closed:
@@ -834,8 +841,8 @@ class _Inbound:
         self._op = None
         if self._done:
             return
-        if err is not None:
-            self._violation(f"header of frame {self._n} failed: {err}")
+        if err is not None:  # a header longer than the buffer is a truncation error here
+            self._drop(TransportError(f"receiving frame {self._n} from rank {self.peer} failed: {err}"), None)
             return
         magic, flags, nbytes = _HEADER.unpack_from(self._header)
         key = bytes(self._header[_HEADER.size : HEADER_SIZE])
@@ -890,8 +897,8 @@ class _Inbound:
         self._op = None
         if self._done:
             return
-        if err is not None:
-            self._violation(f"payload of frame {self._n} failed: {err}")
+        if err is not None:  # e.g. the sender died while its payload was being read
+            self._drop(TransportError(f"receiving frame {self._n} from rank {self.peer} failed: {err}"), None)
             return
         # The sender may have given up on this frame and let its caller overwrite the memory we
         # just read: it says so on the control connection before it lets go (module docstring).
