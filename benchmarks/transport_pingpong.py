@@ -56,7 +56,9 @@ class Memory:
             self.torch = torch
 
     def alloc(self, nbytes: int) -> Any:
-        return self.torch.zeros(nbytes, dtype=self.torch.uint8, device="cuda") if self.cuda else bytearray(nbytes)
+        if self.cuda:
+            return self.torch.zeros(nbytes, dtype=self.torch.uint8, device="cuda")
+        return memoryview(bytearray(nbytes))  # FrameSink.frame_buffer returns a memoryview
 
     def pattern(self, nbytes: int) -> Any:
         data = pattern(nbytes)
