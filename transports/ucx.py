@@ -22,10 +22,13 @@ Frame ``n`` of a connection is one or two UCX tagged messages::
     header   tag H(n)   b"UCF1" | flags:u32 | nbytes:u64 | key[KEY_SIZE] | payload if INLINE
     payload  tag D(n)   nbytes bytes, host or device memory (absent when inline or empty)
 
-A tag is the first 8 bytes of keyed BLAKE2b(conn_key, kind | n). Receives are posted on the
-acceptor's worker, which anyone who can reach its UCX interfaces may send to; only a sender that
-passed the handshake knows the tags that match, so nothing else ever lands in the sink's memory,
-and frames of different connections never match each other's receives. Payloads up to
+H(n) = (h + n) mod 2**64 and D(n) = (d + n) mod 2**64, where h and d are the first two 64-bit
+words of conn_key, 32 random bytes the acceptor draws for each connection. Receives are posted on
+the acceptor's worker, which anyone who can reach its UCX interfaces may send to; only a sender
+that passed the handshake knows which tags match (a guess hits with odds of about 2**-64), so
+nothing else ever lands in the sink's memory, and frames of different connections never match
+each other's receives. (Whoever can watch the traffic sees the tags, as they see the frames of an
+unencrypted tcp transport.) Payloads up to
 ``_INLINE`` bytes in host memory ride in the header message; the rest is received straight into
 the memory ``frame_buffer`` (or ``frame_device_buffer``, see ``_base.DeviceFrameSink``) picked.
 
@@ -56,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -109,10 +111,7 @@ _FLAG_INLINE = 1
 # two. The header message stays under ucxx's default rendezvous threshold (8 KiB), so it is
 # always sent eagerly and never needs the receiver to have posted first.
 _INLINE = 8192 - HEADER_SIZE - 64
-_KIND_HEADER = 0
-_KIND_PAYLOAD = 1
-_KIND_COPY = 2
-_TAG_INPUT = struct.Struct("<BQ")
+_TAG_MASK = (1 << 64) - 1
 # While any request is posted (a connection always has its next header receive posted) the worker
 # is also progressed on this timer, in case an event were ever missed. Measured: two idle ranks
 # connected both ways used 4 ms of CPU each in 10 s.
@@ -142,9 +141,13 @@ def parse_address(address: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-def _tag(conn_key: bytes, kind: int, n: int) -> Any:
-    digest = hashlib.blake2b(_TAG_INPUT.pack(kind, n), key=conn_key, digest_size=8).digest()
-    return _Tag(int.from_bytes(digest, "little"))
+def _bases(conn_key: bytes) -> tuple[int, int]:
+    """The header and payload tag bases of a connection (module docstring)."""
+    return int.from_bytes(conn_key[:8], "little"), int.from_bytes(conn_key[8:16], "little")
+
+
+def _tag(base: int, n: int) -> Any:
+    return _Tag((base + n) & _TAG_MASK)
 
 
 # ---------------------------------------------------------------------------- memory
@@ -260,7 +263,7 @@ class _Engine:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._self_ep: Any = None
-        self._copy_key = os.urandom(_CONN_KEY)
+        self._copy_base = int.from_bytes(os.urandom(8), "little")
         self._copies = 0
         self._loop.add_reader(self._fd, self._drive)
         # A transport never closed (its loop simply ended) must not hang the interpreter's exit:
@@ -307,8 +310,9 @@ class _Engine:
         return self._track(request, (array, data), done)
 
     def recv(self, data: Any, tag: Any, done: Callable[[str | None], None] | None) -> _Op:
+        """Post a receive into ``data`` (or into the memory of the ucxx Array ``data``)."""
         self._check()
-        array = _Array(data)
+        array = data if isinstance(data, _Array) else _Array(data)
         return self._track(self.worker.tag_recv(array, tag), (array, data), done)
 
     def copy(self, dst: Any, src: bytes, done: Callable[[str | None], None]) -> None:
@@ -317,7 +321,7 @@ class _Engine:
         self._check()
         if self._self_ep is None:
             self._self_ep = self.endpoint(self.address)
-        tag = _tag(self._copy_key, _KIND_COPY, self._copies)
+        tag = _tag(self._copy_base, self._copies)
         self._copies += 1
         self.recv(dst, tag, done)
         self.send(self._self_ep, src, tag, None)
@@ -393,7 +397,8 @@ class _Engine:
         try:
             # A callback may close the engine (a sink that aborts the transport): stop there.
             while not self._closed:
-                worker.progress()
+                while worker.progress_once():
+                    pass
                 if self._dispatch():
                     continue  # callbacks may have posted more work
                 if self._closed or worker.arm():
@@ -584,7 +589,7 @@ class UcxConnection:
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = sock
         self._ep = ep
-        self._key = conn_key
+        self._header_base, self._payload_base = _bases(conn_key)
         self._next = 0  # sequence number of the next frame
         self._sending: set[_Sending] = set()
         self._closing = False  # aclose() or abort() called: new sends are refused
@@ -634,12 +639,14 @@ class UcxConnection:
         flags = _FLAG_INLINE if inline is not None else 0
         header = _HEADER.pack(_HEADER_MAGIC, flags, nbytes) + key + (inline or b"")
         sending = _Sending(self._loop.create_future())
-        parts = [(header, _KIND_HEADER)] + ([(data, _KIND_PAYLOAD)] if inline is None and nbytes else [])
+        parts = [(header, self._header_base)]
+        if inline is None and nbytes:
+            parts.append((data, self._payload_base))
         sending.left = len(parts)
         self._sending.add(sending)
         try:
-            for buf, kind in parts:
-                sending.ops.append(self._engine.send(self._ep, buf, _tag(self._key, kind, n), sending.part_done))
+            for buf, base in parts:
+                sending.ops.append(self._engine.send(self._ep, buf, _tag(base, n), sending.part_done))
         except Exception as exc:  # UCX refused the request (closed worker, device memory without CUDA)
             self._sending.discard(sending)
             self._give_up(sending)
@@ -815,9 +822,10 @@ class _Inbound:
         self._sink = owner._require_sink()
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = sock
-        self._key = conn_key
+        self._header_base, self._payload_base = _bases(conn_key)
         self._n = 0  # the frame being received
         self._header = bytearray(HEADER_SIZE + _INLINE)
+        self._header_array = _Array(self._header)  # every header lands here, one at a time
         self._frame_key = b""
         self._buffer: Any = None
         self._op: _Op | None = None
@@ -835,7 +843,7 @@ class _Inbound:
     # -- frames
 
     def _post_header(self) -> None:
-        self._op = self._engine.recv(self._header, _tag(self._key, _KIND_HEADER, self._n), self._on_header)
+        self._op = self._engine.recv(self._header_array, _tag(self._header_base, self._n), self._on_header)
 
     def _on_header(self, err: str | None) -> None:
         self._op = None
@@ -873,7 +881,7 @@ class _Inbound:
                 self._engine.copy(buffer, src, self._on_payload)
         else:
             try:
-                self._op = self._engine.recv(buffer, _tag(self._key, _KIND_PAYLOAD, self._n), self._on_payload)
+                self._op = self._engine.recv(buffer, _tag(self._payload_base, self._n), self._on_payload)
             except Exception as exc:  # UCX refused the memory (device memory without CUDA support)
                 self._drop(TransportError(f"UCX cannot receive frame {self._n} from rank {self.peer}: {exc}"), exc)
 
