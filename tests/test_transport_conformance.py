@@ -1,4 +1,5 @@
-"""Every built-in transport passes the conformance suite, on the stdlib event loop and on uvloop.
+"""Every built-in transport passes the conformance suite, on the stdlib event loop and on uvloop
+(shm runs it in test_shm.py); transports that move CUDA memory also pass its device checks.
 
 Each check runs as its own test inside ``asyncio.Runner(loop_factory=...)``: a plain loop
 factory is the one way to pick the loop that works on every supported Python and needs no
@@ -8,6 +9,7 @@ event-loop policy (deprecated in 3.14).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import uuid
 from collections.abc import Callable
 
@@ -17,12 +19,14 @@ import uvloop
 from aiocoll._errors import TransportError
 from aiocoll.testing.conformance import (
     CHECKS,
+    DEVICE_CHECKS,
     Check,
     ConformanceError,
     TransportSetup,
     check_frames_keep_order,
     check_rejected_frame_drops_connection,
     check_transport,
+    cuda_arrays,
 )
 from aiocoll.transports import TransportConfig
 from aiocoll.transports._base import Buffer
@@ -35,9 +39,26 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
+HAS_UCXX = importlib.util.find_spec("ucxx") is not None
+UCX = pytest.param(
+    "ucx",
+    marks=pytest.mark.skipif(
+        not HAS_UCXX,
+        reason="ucxx is not installed; runs wherever the ucx-cu12 or ucx-cu13 extra is (pip install -e '.[ucx-cu12]')",
+    ),
+)
+TRANSPORTS = ["inproc", "tcp", UCX]
+#: The built-in transports whose capabilities say cuda_memory.
+DEVICE_TRANSPORTS = [UCX]
+
+
 def _setup(transport: str) -> TransportSetup:
     if transport == "inproc":
         return TransportSetup(InprocTransport, options={"world": f"conformance-{uuid.uuid4().hex}"}, authenticates=False)
+    if transport == "ucx":
+        from aiocoll.transports.ucx import UcxTransport
+
+        return TransportSetup(UcxTransport, secret=b"conformance-" + uuid.uuid4().hex.encode())
     return TransportSetup(TcpTransport, secret=b"conformance-" + uuid.uuid4().hex.encode())
 
 
@@ -47,9 +68,19 @@ def _run(loop: str, check: Check, setup: TransportSetup) -> None:
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
-@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_transport_conforms(loop: str, transport: str, check: Check) -> None:
+    _run(loop, check, _setup(transport))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("check", DEVICE_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("transport", DEVICE_TRANSPORTS)
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_transport_conforms_on_device(loop: str, transport: str, check: Check) -> None:
+    if cuda_arrays() is None:
+        pytest.skip("no CUDA device (torch or CuPy with a GPU); runs on the GPU machine with pytest -m gpu")
     _run(loop, check, _setup(transport))
 
 

@@ -15,6 +15,11 @@ Connections are one-way: rank a sends to rank b over the connection a opened to 
 never sends on it. That keeps connect races out of the picture (no "who dials whom") and
 makes a frame's origin the connection's authenticated peer, never a claim inside the frame.
 
+Device memory (optional): a transport whose capabilities say ``cuda_memory`` also takes payloads
+in CUDA memory (``CudaBuffer``: anything with ``__cuda_array_interface__``), and if the sink has
+``frame_device_buffer`` (``DeviceFrameSink``) it calls that instead of ``frame_buffer``, so the
+sink may have a payload land straight in device memory. Other transports and sinks are unchanged.
+
 Lifecycle: ``listen(sink)`` once, then ``connect(peer, address)`` for each peer to send to;
 ``aclose()`` flushes and closes gracefully; ``abort()`` drops everything at once and is safe
 to call from any state, more than once.
@@ -98,6 +103,44 @@ class FrameSink(Protocol):
 
 
 @runtime_checkable
+class CudaBuffer(Protocol):
+    """Device memory as transports with ``cuda_memory`` take and give it: anything exposing the
+    CUDA Array Interface (torch CUDA tensors, CuPy arrays, Numba device arrays), C-contiguous.
+
+    Its data must be ready when it is handed over: a transport does not wait on the stream the
+    interface names (version 3 ``stream``); the layer above orders its own streams.
+    """
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]: ...
+
+
+class DeviceFrameSink(Protocol):
+    """A FrameSink that can take payloads straight into device memory (optional).
+
+    A transport whose capabilities say ``cuda_memory`` calls ``frame_device_buffer`` instead of
+    ``frame_buffer`` when the sink has that method, and hands what it returned, host or device
+    memory, to ``frame_received``. Transports without ``cuda_memory`` never call it, and sinks
+    without it only ever give host memory, so neither side has to change.
+    """
+
+    def frame_device_buffer(self, peer: int, key: bytes, nbytes: int) -> memoryview | CudaBuffer:
+        """Like ``frame_buffer``, but may return device memory of exactly ``nbytes`` bytes.
+
+        Raising here rejects the frame, as for ``frame_buffer``.
+        """
+        ...
+
+    def frame_received(self, peer: int, key: bytes, buffer: memoryview | CudaBuffer) -> None:
+        """The payload is now in ``buffer``, the object ``frame_device_buffer`` returned."""
+        ...
+
+    def peer_lost(self, peer: int, exc: BaseException | None) -> None:
+        """As ``FrameSink.peer_lost``."""
+        ...
+
+
+@runtime_checkable
 class Connection(Protocol):
     """One-way link to a peer: this side sends, the peer's sink receives."""
 
@@ -156,6 +199,8 @@ __all__ = [
     "Capabilities",
     "TransportConfig",
     "FrameSink",
+    "CudaBuffer",
+    "DeviceFrameSink",
     "Connection",
     "Transport",
     "TransportFactory",

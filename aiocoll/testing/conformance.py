@@ -11,6 +11,10 @@
 transports in the running event loop, drives it through the public interface only
 (``listen``, ``connect``, ``send``, ``aclose``, ``abort`` and a ``FrameSink``), closes it, and
 fails with ``ConformanceError`` if a task it did not start outlives the world.
+
+``DEVICE_CHECKS`` hold what a transport whose capabilities say ``cuda_memory`` must also do with
+CUDA memory (through ``DeviceFrameSink``); they need a GPU and torch or CuPy, and
+``check_transport`` runs them when both the capability and a device are there.
 """
 
 from __future__ import annotations
@@ -208,6 +212,7 @@ async def open_world(setup: TransportSetup, sinks: Mapping[int, RecordingSink] |
 
 Check = Callable[[TransportSetup], Awaitable[None]]
 CHECKS: list[Check] = []
+DEVICE_CHECKS: list[Check] = []
 
 
 async def _no_leftover_tasks(before: set[asyncio.Task[Any]], name: str, timeout: float = 2.0) -> None:
@@ -224,9 +229,7 @@ async def _no_leftover_tasks(before: set[asyncio.Task[Any]], name: str, timeout:
         await asyncio.sleep(0.01)
 
 
-def conformance_check(fn: Check) -> Check:
-    """Register ``fn`` in ``CHECKS``, bound its time, and fail it if it leaves tasks behind."""
-
+def _bounded(fn: Check) -> Check:
     @functools.wraps(fn)
     async def run(setup: TransportSetup) -> None:
         before = asyncio.all_tasks()
@@ -234,8 +237,83 @@ def conformance_check(fn: Check) -> Check:
             await fn(setup)
         await _no_leftover_tasks(before, fn.__name__)
 
+    return run
+
+
+def conformance_check(fn: Check) -> Check:
+    """Register ``fn`` in ``CHECKS``, bound its time, and fail it if it leaves tasks behind."""
+    run = _bounded(fn)
     CHECKS.append(run)
     return run
+
+
+def device_check(fn: Check) -> Check:
+    """Register ``fn`` in ``DEVICE_CHECKS`` (transports with ``cuda_memory``), bounded likewise."""
+    run = _bounded(fn)
+    DEVICE_CHECKS.append(run)
+    return run
+
+
+class CudaArrays:
+    """Device memory for the device checks, from torch or CuPy, whichever has a GPU here."""
+
+    def __init__(self, alloc: Callable[[int], Any], to_host: Callable[[Any], np.ndarray],
+                 from_host: Callable[[np.ndarray], Any]) -> None:
+        self.alloc = alloc
+        self.to_host = to_host
+        self.from_host = from_host
+
+
+def cuda_arrays() -> CudaArrays | None:
+    """torch's or CuPy's device arrays, or None without a CUDA device (or without both)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+
+            def torch_from_host(data: np.ndarray) -> Any:
+                out = torch.from_numpy(data).to("cuda")
+                torch.cuda.synchronize()  # device memory handed to a transport must be ready
+                return out
+
+            return CudaArrays(
+                lambda n: torch.zeros(n, dtype=torch.uint8, device="cuda"),
+                lambda t: t.cpu().numpy(),
+                torch_from_host,
+            )
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+
+            def cupy_from_host(data: np.ndarray) -> Any:
+                out = cupy.asarray(data)
+                cupy.cuda.runtime.deviceSynchronize()
+                return out
+
+            return CudaArrays(lambda n: cupy.zeros(n, dtype=cupy.uint8), lambda a: a.get(), cupy_from_host)
+    except Exception:  # CuPy without a driver raises its own runtime errors
+        pass
+    return None
+
+
+class DeviceRecordingSink(RecordingSink):
+    """A RecordingSink that is also a ``DeviceFrameSink``: frames whose key starts with
+    ``device_prefix`` land in device memory, the others in host memory."""
+
+    def __init__(self, arrays: CudaArrays, device_prefix: bytes = b"dev") -> None:
+        super().__init__()
+        self._arrays = arrays
+        self._prefix = device_prefix
+
+    def frame_device_buffer(self, peer: int, key: bytes, nbytes: int) -> Any:
+        if not key.startswith(self._prefix):
+            return self.frame_buffer(peer, key, nbytes)
+        buffer = self._arrays.alloc(nbytes)
+        self._pending.append((peer, key, buffer))
+        return buffer
 
 
 def _key(n: int, tag: bytes = b"k") -> bytes:
@@ -490,6 +568,36 @@ async def check_wrong_secret_refused(setup: TransportSetup) -> None:
         _expect(not intruder_sink.frames, "the intruder's listener received frames")
 
 
+@device_check
+async def check_device_frames(setup: TransportSetup) -> None:
+    """Device payloads arrive intact in device memory and in host memory, host payloads in
+    device memory, small and large, in order; the sender may reuse its memory once send returns."""
+    arrays = cuda_arrays()
+    _expect(arrays is not None, "no CUDA device (torch or CuPy with a GPU) to check device memory with")
+    assert arrays is not None
+    sizes = [0, 8, 5000, 1 << 20, 16 << 20]
+    sink0 = DeviceRecordingSink(arrays)
+    async with open_world(setup, {0: sink0}) as w:
+        conn = await w.connect(1, 0)
+        sent = []
+        for i, n in enumerate(sizes):
+            for kind, device_src in ((b"dev-dd", True), (b"dev-hd", False), (b"hst-dh", True)):
+                data = np.frombuffer(_pattern(n, i + len(kind)), np.uint8).copy()
+                payload = arrays.from_host(data) if device_src else data
+                await conn.send(_key(i, kind), payload)
+                if device_src:  # allowed now, as for host memory
+                    payload[...] = 0xEE
+                sent.append((_key(i, kind), data))
+        await sink0.wait_frames(len(sent), setup.timeout)
+        for (k, data), frame in zip(sent, sink0.frames):
+            _expect(frame.key == k, f"frame {k!r} arrived as {frame.key!r}")
+            on_device = k[:3] == b"dev"
+            _expect(on_device == hasattr(frame.data, "__cuda_array_interface__"),
+                    f"frame {k!r} landed in the wrong kind of memory")
+            got = arrays.to_host(frame.data) if on_device else np.frombuffer(frame.data, np.uint8)
+            _expect(np.array_equal(got, data), f"frame {k!r} ({data.size} bytes) changed on the way")
+
+
 async def check_transport(
     factory: TransportFactory,
     *,
@@ -499,7 +607,8 @@ async def check_transport(
     authenticates: bool = True,
     timeout: float = 10.0,
 ) -> None:
-    """Run every check of ``CHECKS`` against transports made by ``factory``.
+    """Run every check of ``CHECKS`` against transports made by ``factory``, and those of
+    ``DEVICE_CHECKS`` too when its capabilities say ``cuda_memory`` and a CUDA device is here.
 
     Args:
         world_size: ranks per world; at least 2 (3 or more also checks several senders to one).
@@ -522,10 +631,19 @@ async def check_transport(
     )
     for check in CHECKS:
         await check(setup)
+    if getattr(getattr(factory, "capabilities", None), "cuda_memory", False) and cuda_arrays() is not None:
+        for check in DEVICE_CHECKS:
+            await check(setup)
 
 
 __all__ = [
     "CHECKS",
+    "DEVICE_CHECKS",
+    "CudaArrays",
+    "DeviceRecordingSink",
+    "cuda_arrays",
+    "device_check",
+    "check_device_frames",
     "ConformanceError",
     "Frame",
     "RecordingSink",
