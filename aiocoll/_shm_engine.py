@@ -17,7 +17,9 @@ fails during setup unlinks the name (all members know it); the launcher's cleanu
 
 Operations run one at a time per group, in the order they were called (the same order on every
 member, which is what makes the shared counters meaningful). Each is registered with the
-communicator (``comm.begin``), so a dead peer or another member's abort fails it; it honours
+communicator (``comm.begin``), so another member's abort fails it, and so does a member that
+left or died before reaching a counter this member waits for (a member that got that far has
+nothing more to give: its departure changes nothing); it honours
 its timeout (CollectiveTimeoutError naming the members whose counters did not move); and a
 failure or cancellation breaks the engine and the group for good: counters that are out of step
 cannot be trusted, and the caller's output may be half-written.
@@ -50,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _shm_algorithms as algo
-from ._comm import ActiveOp
+from ._comm import ActiveOp, Communicator
 from ._dtypes import WireDtype
 from ._errors import CollectiveTimeoutError, GroupBrokenError, MismatchError, RemoteAbortError
 from ._ops import ReduceOp
@@ -151,6 +153,8 @@ class ShmEngine:
         self._broken: str | None = None
         self._closed = False
         self._waiting: algo.Wait | None = None
+        self._current: ActiveOp | None = None  # the operation holding the engine's turn
+        self._comm: Communicator | None = None
         self._unheard: list[tuple[int, asyncio.Future[Any]]] = []  # setup messages awaited
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stop = threading.Event()
@@ -241,13 +245,16 @@ class ShmEngine:
         small: tuple[ReduceOp, WireDtype, Array, Array] | None = None,
     ) -> None:
         comm = g.world.comm
+        self._comm = comm
         active = comm.begin(g.name, g.gid, seq, name, self._member_set)
+        active.needs = lambda peer: self._needs(active, peer)
         # A deadline rather than asyncio.timeout around everything: a small operation that
         # never has to sleep then pays nothing for its timeout (see _wait_async).
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             try:
                 await self._acquire(deadline)
+                self._current = active
                 try:
                     if self._broken is not None or self._closed:
                         why = self._broken or "the shm transport closed"
@@ -283,6 +290,7 @@ class ShmEngine:
                                 rounds = await self._drive(gen, active, desc, deadline)
                         self._base += rounds
                 finally:
+                    self._current = None
                     self._release()
             except TimeoutError:
                 raise self._timeout_error(active, name, timeout) from None
@@ -457,6 +465,26 @@ class ShmEngine:
             raise active.failure.exception()  # type: ignore[misc]
         both.result()
 
+    # ------------------------------------------------------------------ departures
+    def _needs(self, active: ActiveOp, peer: int) -> bool:
+        """Whether ``active`` now waits for a counter of global rank ``peer`` that it has not
+        reached (the communicator asks when ``peer`` leaves or dies). Waits that begin later
+        check for themselves (``_departed``)."""
+        w, seg = self._waiting, self._seg
+        if self._current is not active or w is None or seg is None:
+            return False
+        return any(self.members[p] == peer and seg.counter(p, w.which) < w.target for p in w.members)
+
+    def _departed(self, w: algo.Wait) -> list[int]:
+        """Global ranks that ``w`` waits for, below its target, and gone: their counters will
+        never move again."""
+        comm, seg = self._comm, self._seg
+        if comm is None or seg is None:
+            return []
+        return [
+            self.members[p] for p in w.members if seg.counter(p, w.which) < w.target and comm.is_dead(self.members[p])
+        ]
+
     # ------------------------------------------------------------------ progress and waking
     def _publish(self, which: Iterable[int], value: int) -> None:
         seg, bell = self._segment(), self._bell
@@ -546,6 +574,9 @@ class ShmEngine:
                 failure = self._failure(active)
                 if failure is not None:
                     raise failure
+                gone = self._departed(w)
+                if gone and self._comm is not None:
+                    raise self._comm.lost_error(active, gone)
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError()
@@ -591,7 +622,7 @@ class ShmEngine:
             w = next(gen)
             while True:
                 if not self._satisfied(w):
-                    self._wait_blocking(w)
+                    self._wait_blocking(w, active)
                 if w.first:
                     self._check_descriptors(w, desc, active)
                 if self._stop.is_set():
@@ -602,7 +633,7 @@ class ShmEngine:
         finally:
             gen.close()
 
-    def _wait_blocking(self, w: algo.Wait) -> None:
+    def _wait_blocking(self, w: algo.Wait, active: ActiveOp) -> None:
         seg, bell = self._seg, self._bell
         assert seg is not None and bell is not None
         if self.spin_s and spin_until(self._satisfied, w, self.spin_s):
@@ -614,6 +645,11 @@ class ShmEngine:
             while not self._satisfied(w):
                 if self._stop.is_set():
                     raise _Stopped()
+                # Reads the communicator's record of the dead from this thread: a set lookup,
+                # and a stale answer only costs one more slice.
+                gone = self._departed(w)
+                if gone and self._comm is not None:
+                    raise self._comm.lost_error(active, gone)
                 bell.wait_blocking(SLEEP_SLICE_S)
         finally:
             seg.set_sleeping(self.rank, False)
