@@ -7,14 +7,21 @@ can be in flight at once. A frame that arrives before its receive is posted wait
 unexpected store (bounded); one whose receive is posted lands straight in the receive's buffer.
 
 Failure handling lives here because this is where it is seen first:
-- a peer's connection drops    -> every collective in flight on a group holding that peer fails
-                                  with PeerFailureError naming it, and those groups are broken;
+- a peer leaves or crashes     -> every collective in flight that still needs something from it
+                                  (a receive not yet landed; for the shared-memory engine, a
+                                  counter it has not reached) fails with PeerFailureError naming
+                                  it, its group is broken and the other members get an ABORT; a
+                                  collective whose part from that peer is complete (its frames
+                                  arrived, even if they wait unclaimed) finishes normally, so a
+                                  member that finished and left never makes another fail;
 - a frame's header disagrees   -> MismatchError on this rank, and an ABORT frame to every other
   with the posted receive         member so that they raise it too;
 - an ABORT frame arrives       -> the collective it names fails with the sender's error, and the
                                   group is marked broken;
 - a peer crashes               -> this rank tells every other peer (a LOST control frame), so that
                                   a survivor that leaves right after is not taken for the culprit;
+                                  a collective begun after a crash fails at once unless the
+                                  crashed rank's frames for it already arrived;
 - a collective nears its       -> this rank tells the other members it is still waiting (WAITING),
   timeout                         so that when the timeout strikes, every member can name the ranks
                                   it did not hear from, not merely the neighbour it waits on (in a
@@ -22,10 +29,14 @@ Failure handling lives here because this is where it is seen first:
 
 Who is named when several peers go at once: losses seen in one turn of the event loop are
 handled together, after every frame already readable has been delivered. A peer that told us
-"rank X is lost" and then went away itself is a survivor leaving, not a cause: collectives of
-groups holding X name X. This matters because one process often sees the survivors' exits and
-the victim's death at the same moment (a loaded host, or survivors that exit at once on error),
-and the order in which the event loop reports sockets is arbitrary.
+"rank X is lost" (a LOST notice, or an ABORT of a collective that failed for want of X) and then
+went away itself is a survivor leaving, not a cause: collectives of groups holding X name X,
+following the chain when the news went through several survivors. This matters because one
+process often sees the survivors' exits and the victim's death at the same moment (a loaded
+host, or survivors that exit at once on error), and the order in which the event loop reports
+sockets is arbitrary. A survivor that leaves
+through ``destroy()`` says goodbye after its last frame (ABORTs and LOST notices included), so
+it is seen as leaving, never as crashing.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import json
 import logging
 import mmap
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +138,15 @@ class ActiveOp:
     call: Call = NO_CALL
     described: set[int] = field(default_factory=set)  # peers asked to say what they called
     describe_wait: float = DESCRIBE_WAIT_S
+    # Whether the op still waits on a rank in a way the communicator cannot see (the
+    # shared-memory engine waits on counters, not on posted receives); see needs_from.
+    needs: Callable[[int], bool] | None = None
+
+    def needs_from(self, peer: int) -> bool:
+        """Whether this op still waits for something ``peer`` has not delivered yet."""
+        if any(p.peer == peer and not p.future.done() for p in self.posted):
+            return True
+        return self.needs is not None and self.needs(peer)
 
     def fail(self, exc: CollectiveError) -> None:
         if not self.failure.done():
@@ -224,8 +244,11 @@ class Communicator:
         self._max_unexpected = max_unexpected
         self._active: set[ActiveOp] = set()
         self._dead: dict[int, str] = {}
+        self._crashed: set[int] = set()  # dead without a goodbye (a subset of _dead)
         # rank -> (the rank it told us is lost, why); see the module docstring
         self._told: dict[int, tuple[int, str]] = {}
+        # rank -> the rank its PeerFailureError ABORT named (for naming only, unlike _told)
+        self._failed_by: dict[int, int] = {}
         self._pending_losses: dict[int, BaseException | None] = {}
         # gid -> rank -> loop time of its last WAITING notice for a collective of that group
         self._heard: dict[int, dict[int, float]] = {}
@@ -317,6 +340,8 @@ class Communicator:
             return
         reason = "closed its connection" if exc is None else f"was lost ({exc})"
         self._dead[peer] = reason
+        if exc is not None:
+            self._crashed.add(peer)
         for slot_key in [k for k in self._landing if k[0] == peer]:
             del self._landing[slot_key]  # frames cut off mid-payload never complete
         for slot_key in [k for k, p in self._posted.items() if k[0] == peer and p.discard]:
@@ -335,26 +360,39 @@ class Communicator:
         if self._closing:
             return
         for op in list(self._active):
-            hurt = []
-            for peer, exc in batch.items():
-                # A graceful close comes after every frame the peer sent, so only collectives
-                # still waiting to hear from it are hurt; a crash hurts every group it was in.
-                if (any(p.peer == peer for p in op.posted) if exc is None else peer in op.members):
-                    hurt.append(peer)
+            if op.failure.done():
+                continue
+            # Transports report a loss only after the last frame the peer sent was delivered
+            # (graceful or not), so a collective hurt by it is one still waiting for that peer.
+            # One whose part from the peer is complete finishes: the peer may well have
+            # finished it too and left, and failing here would make the members disagree.
+            # Members that wait on it only through others hear of it by our ABORT.
+            hurt = [peer for peer in batch if peer in op.members and op.needs_from(peer)]
             if not hurt:
                 continue
-            culprits = sorted({self._culprit(p, op.members) for p in hurt})
-            first = culprits[0]
-            err = op.error(PeerFailureError, f"rank {first} {self._dead.get(first, 'was lost')}", culprits)
+            err = self.lost_error(op, hurt)
             self._break(op.gid, err, 0 if op.p2p else op.seq)
             op.fail(err)
+            self._broadcast_abort(op, err)
+
+    def lost_error(self, op: ActiveOp, peers: Iterable[int]) -> CollectiveError:
+        """The error of ``op`` failing because ``peers`` (dead members it still needs) are gone:
+        a PeerFailureError naming the culprits (see ``_culprit``)."""
+        culprits = sorted({self._culprit(p, op.members) for p in peers})
+        first = culprits[0]
+        return op.error(PeerFailureError, f"rank {first} {self._dead.get(first, 'was lost')}", culprits)
 
     def _culprit(self, peer: int, members: frozenset[int]) -> int:
-        """``peer``, or the rank ``peer`` told us was lost before it went away itself."""
-        told = self._told.get(peer)
-        if told is not None and told[0] in members and told[0] != self.rank:
-            return told[0]
-        return peer
+        """``peer``, or the rank ``peer`` told us was lost before it went away itself (followed
+        down the chain: a survivor may have heard of the death from another survivor)."""
+        seen = {peer}
+        while True:
+            told = self._told.get(peer)
+            lost = told[0] if told is not None else self._failed_by.get(peer)
+            if lost is None or lost not in members or lost == self.rank or lost in seen:
+                return peer
+            peer = lost
+            seen.add(peer)
 
     def _tell_others(self, lost: int, reason: str) -> None:
         body = json.dumps({"lost": lost, "reason": reason[:1000]}).encode()
@@ -391,16 +429,12 @@ class Communicator:
         if not 0 <= lost < self.world_size or lost in (reporter, self.rank):
             log.warning("rank %d: LOST notice from rank %d names rank %d; ignored", self.rank, reporter, lost)
             return
+        # Kept to name the culprit, and to refuse collectives begun later (begin). Collectives
+        # in flight are left alone: the reporter's own ones that still needed the lost rank fail
+        # there and reach us as its ABORT, and ours that still need it fail when our own link
+        # to it ends. Failing them here would fail collectives whose part from the lost rank
+        # is complete, which other members may have finished.
         self._told.setdefault(reporter, (lost, reason))
-        if lost in self._dead:
-            return
-        # Only collectives needing both can no longer finish: the two may merely be cut off from
-        # each other, and groups without the reporter are left to find out for themselves.
-        for op in list(self._active):
-            if lost in op.members and reporter in op.members:
-                err = op.error(PeerFailureError, f"rank {lost} {reason} (reported by rank {reporter})", (lost,))
-                self._break(op.gid, err, 0 if op.p2p else op.seq)
-                op.fail(err)
 
     # ----------------------------------------------------------------- receives and sends
     def post_recv(
@@ -632,10 +666,15 @@ class Communicator:
     def begin(
         self, group: str, gid: int, seq: int, op: str, members: frozenset[int], *, p2p: bool = False
     ) -> ActiveOp:
-        """Register a collective; raises at once if its group is broken or a member is dead.
+        """Register a collective; raises at once if its group is broken or a member crashed
+        before taking part in it.
 
         A group broken at step s refuses steps s and later (and point to point); a member that
         is still behind may finish the steps before s, which every other member finished.
+        A member that left gracefully does not make it fail here: only a receive from it that
+        cannot be served from what it sent (or a send to it) does. A crashed member (or one a
+        member reported lost) does, unless frames it sent for this very collective are here: it
+        took part, and other members may have finished.
         """
         active = ActiveOp(group, gid, seq, op, members, asyncio.get_running_loop().create_future(), p2p=p2p)
         if self._doomed(gid, seq, p2p):
@@ -646,14 +685,26 @@ class Communicator:
                 raise active.error(type(cause), cause.detail, cause.ranks)
             since = f" by {cause.op or 'a collective'} at step {cause.seq}" if cause.seq >= 0 else ""
             raise active.error(GroupBrokenError, f"group was broken{since}: {cause.detail}", cause.ranks)
-        dead = sorted({self._culprit(p, members) for p in members if p in self._dead})
-        if dead:
-            raise active.error(PeerFailureError, f"rank {dead[0]} {self._dead.get(dead[0], 'was lost')}", dead)
+        crashed = [p for p in members if p in self._crashed and not self._took_part(p, gid, seq, p2p)]
+        if crashed:
+            raise self.lost_error(active, crashed)
         for reporter, (lost, reason) in self._told.items():
-            if reporter in members and lost in members:
+            if reporter in members and lost in members and not self._took_part(lost, gid, seq, p2p):
+                who = self._culprit(lost, members)
+                if who != lost:  # what was reported lost was a survivor leaving after a death
+                    raise self.lost_error(active, (who,))
                 raise active.error(PeerFailureError, f"rank {lost} {reason} (reported by rank {reporter})", (lost,))
         self._active.add(active)
         return active
+
+    def _took_part(self, peer: int, gid: int, seq: int, p2p: bool) -> bool:
+        """Whether a frame ``peer`` sent for collective ``seq`` of ``gid`` (or point-to-point
+        message ``seq``) waits here unclaimed."""
+        flag = FLAG_P2P if p2p else 0
+        return any(
+            p == peer and slot[0] == gid and slot[1] == seq and slot[3] & FLAG_P2P == flag
+            for p, slot in self._unexpected
+        )
 
     def end(self, op: ActiveOp, exc: BaseException | None = None) -> None:
         """Unregister ``op``; on failure break its group and tell the other members why."""
@@ -694,6 +745,11 @@ class Communicator:
         if gid not in self._broken_from or step < self._broken_from[gid]:
             self._broken[gid] = _record(err)
             self._broken_from[gid] = step
+        # This rank's own collectives of those steps can no longer finish either: the other
+        # members fail theirs (they got our ABORT, or sent us theirs) and would not tell us.
+        for op in list(self._active):
+            if op.gid == gid and (op.p2p or op.seq >= step) and not op.failure.done():
+                op.fail(op.error(type(err), err.detail, err.ranks))
         for slot_key in [k for k in self._unexpected if self._doomed(k[1][0], k[1][1], bool(k[1][3] & FLAG_P2P))]:
             _, data = self._unexpected.pop(slot_key)
             self._unexpected_bytes -= data.nbytes
@@ -756,6 +812,11 @@ class Communicator:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a dict
             log.warning("rank %d: malformed abort from rank %d: %s", self.rank, peer, exc)
             return
+        if cls is PeerFailureError and len(ranks) == 1 and 0 <= ranks[0] < self.world_size:
+            # The sender lost that rank (or heard of it): should the sender go away next
+            # without a goodbye, it is a survivor leaving, not a culprit (see _culprit).
+            if ranks[0] not in (peer, self.rank):
+                self._failed_by.setdefault(peer, ranks[0])
         # key.seq: the step that failed there (0 when a point-to-point call failed)
         self._break(key.gid, cls(message, seq=key.seq, ranks=ranks), key.seq)
         for op in list(self._active):
@@ -775,21 +836,49 @@ class Communicator:
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
 
-    async def aclose(self) -> None:
+    def not_joined(self) -> set[int]:
+        """Live peers that have not connected to this rank yet, as far as the transports tell
+        (one without ``inbound_peers`` counts as having them all)."""
+        joined: set[int] = set()
+        for t in self.transports:
+            inbound = getattr(t, "inbound_peers", None)
+            if inbound is None:
+                return set()
+            joined |= inbound()
+        return {p for p in range(self.world_size) if p != self.rank and p not in joined and p not in self._dead}
+
+    async def wait_joined(self, timeout: float) -> set[int]:
+        """Wait up to ``timeout`` s until every live peer has connected to this rank; return
+        those that have not.
+
+        A peer still inside ``init`` connects to every rank: leaving before it did would make
+        its ``init`` fail, though this rank owes it nothing else. Polled: it runs once, at
+        shutdown, and only waits at all when a peer is that far behind.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (missing := self.not_joined()) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        return missing
+
+    async def aclose(self, flush_timeout: float = 5.0) -> None:
+        """Close gracefully: give background sends (notices, sends of cancelled calls) up to
+        ``flush_timeout`` s, then let each transport flush what it holds and say goodbye, so
+        that peers receive every frame sent before they see this rank leave."""
         self._closing = True
         if self._background:
-            await asyncio.wait(list(self._background), timeout=5.0)
+            await asyncio.wait(list(self._background), timeout=flush_timeout)
         for task in list(self._background):
             task.cancel()
-        for conn in list(self._conns.values()):
-            try:
-                await conn.aclose()
-            except Exception as exc:
-                log.debug("closing connection: %s", exc)
+        closed = await asyncio.gather(*(conn.aclose() for conn in self._conns.values()), return_exceptions=True)
+        for exc in closed:
+            if isinstance(exc, BaseException):
+                log.debug("rank %d: closing a connection: %r", self.rank, exc)
         for t in self.transports:
             await t.aclose()
         self._conns.clear()
         self._unexpected.clear()
+        self._unexpected_bytes = 0
 
     def abort(self) -> None:
         self._closing = True

@@ -24,8 +24,10 @@ Operations run one at a time per group, in the order their collectives claimed t
 numbers (the same order on every member, which is what makes the shared counters meaningful):
 a collective takes its place (``reserve``) when it claims its number, before its first await,
 so one that awaits something first (a collective of several steps) cannot be overtaken on some
-members and not on others. Each is registered with the
-communicator (``comm.begin``), so a dead peer or another member's abort fails it; it honours
+members and not on others. Each is registered with the communicator (``comm.begin``), so
+another member's abort fails it, and so does a member that left or died before reaching a
+counter this member waits for (a member that got that far has nothing more to give: its
+departure changes nothing); it honours
 its timeout (CollectiveTimeoutError naming the members whose counters did not move); and a
 failure or cancellation breaks the engine and the group for good: counters that are out of step
 cannot be trusted, and the caller's output may be half-written.
@@ -59,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _shm_algorithms as algo
-from ._comm import ActiveOp, dtype_name, op_name
+from ._comm import ActiveOp, Communicator, dtype_name, op_name
 from ._dtypes import WireDtype
 from ._errors import (
     CollectiveTimeoutError,
@@ -204,6 +206,8 @@ class ShmEngine:
         self._retiring: str | None = None  # close once idle, for this reason
         self._transport = transport
         self._waiting: algo.Wait | None = None
+        self._current: ActiveOp | None = None  # the operation holding the engine's turn
+        self._comm: Communicator | None = None
         self._unheard: list[tuple[int, asyncio.Future[Any]]] = []  # setup messages awaited
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stop = threading.Event()
@@ -323,11 +327,13 @@ class ShmEngine:
         if ticket is None:
             ticket = self.reserve()
         comm = g.world.comm
+        self._comm = comm
         try:
             active = comm.begin(g.name, g.gid, seq, name, self._member_set)
         except BaseException:
             self.abandon(ticket)
             raise
+        active.needs = lambda peer: self._needs(active, peer)
         comm.expect(active, FrameKey(g.gid, seq, 0, int(kind), op, int(code), 0, count, call.digest), call,
                     timeout=timeout)
         # A deadline rather than asyncio.timeout around everything: a small operation that
@@ -336,6 +342,7 @@ class ShmEngine:
         try:
             try:
                 await self._acquire(ticket, deadline)
+                self._current = active
                 try:
                     if self._broken is not None or self._closed:
                         why = self._broken or self._closed_why
@@ -371,6 +378,7 @@ class ShmEngine:
                                 rounds = await self._drive(gen, active, desc, deadline)
                         self._base += rounds
                 finally:
+                    self._current = None
                     self._release(ticket)
             except TimeoutError:
                 raise self._timeout_error(active, name, timeout) from None
@@ -585,6 +593,26 @@ class ShmEngine:
             raise active.failure.exception()  # type: ignore[misc]
         both.result()
 
+    # ------------------------------------------------------------------ departures
+    def _needs(self, active: ActiveOp, peer: int) -> bool:
+        """Whether ``active`` now waits for a counter of global rank ``peer`` that it has not
+        reached (the communicator asks when ``peer`` leaves or dies). Waits that begin later
+        check for themselves (``_departed``)."""
+        w, seg = self._waiting, self._seg
+        if self._current is not active or w is None or seg is None:
+            return False
+        return any(self.members[p] == peer and seg.counter(p, w.which) < w.target for p in w.members)
+
+    def _departed(self, w: algo.Wait) -> list[int]:
+        """Global ranks that ``w`` waits for, below its target, and gone: their counters will
+        never move again."""
+        comm, seg = self._comm, self._seg
+        if comm is None or seg is None:
+            return []
+        return [
+            self.members[p] for p in w.members if seg.counter(p, w.which) < w.target and comm.is_dead(self.members[p])
+        ]
+
     # ------------------------------------------------------------------ progress and waking
     def _publish(self, which: Iterable[int], value: int) -> None:
         seg, bell = self._segment(), self._bell
@@ -698,6 +726,9 @@ class ShmEngine:
                 failure = self._failure(active)
                 if failure is not None:
                     raise failure
+                gone = self._departed(w)
+                if gone and self._comm is not None:
+                    raise self._comm.lost_error(active, gone)
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError()
@@ -743,7 +774,7 @@ class ShmEngine:
             w = next(gen)
             while True:
                 if not self._satisfied(w):
-                    self._wait_blocking(w)
+                    self._wait_blocking(w, active)
                 if w.first:
                     self._check_descriptors(w, desc, active, on_loop=False)
                 if self._stop.is_set():
@@ -754,7 +785,7 @@ class ShmEngine:
         finally:
             gen.close()
 
-    def _wait_blocking(self, w: algo.Wait) -> None:
+    def _wait_blocking(self, w: algo.Wait, active: ActiveOp) -> None:
         seg, bell = self._seg, self._bell
         assert seg is not None and bell is not None
         if self.spin_s and spin_until(self._satisfied, w, self.spin_s):
@@ -766,6 +797,11 @@ class ShmEngine:
             while not self._satisfied(w):
                 if self._stop.is_set():
                     raise _Stopped()
+                # Reads the communicator's record of the dead from this thread: a set lookup,
+                # and a stale answer only costs one more slice.
+                gone = self._departed(w)
+                if gone and self._comm is not None:
+                    raise self._comm.lost_error(active, gone)
                 bell.wait_blocking(SLEEP_SLICE_S)
         finally:
             seg.set_sleeping(self.rank, False)

@@ -260,7 +260,10 @@ class _Init:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await destroy(abort=e is not None)
+        # On an exception: no barrier (the others may be waiting for this rank in a collective
+        # it will never join; its goodbye tells them at once), but still a graceful close, so
+        # that what this rank sent for the collectives it completed reaches them.
+        await leave(barrier=e is None, abort=False)
 
 
 def init(
@@ -309,37 +312,88 @@ def init(
     )
 
 
+#: Longest ``destroy()`` spends closing gracefully (peers still joining, background sends,
+#: goodbyes) before it aborts what is left; the world's timeout when that is shorter.
+CLOSE_TIMEOUT_S = 30.0
+#: Of that, longest it waits for frames still being sent in the background (notices, sends of
+#: cancelled calls); the sends of every collective that completed are out already.
+FLUSH_TIMEOUT_S = 5.0
+
+
 async def destroy(*, abort: bool = False) -> None:
     """Leave the world: wait for the other ranks (a barrier, unless ``abort``), then close.
 
-    Every connection, listener, shared segment and background task is released. Safe to call
-    twice. With ``abort=True`` nothing is waited for.
+    Closing is graceful whether or not the barrier succeeded (a broken group, a dead peer):
+    every frame this rank sent (its part of every collective it completed, its aborts and
+    notices) is delivered before the peers see it leave, and a peer still joining the world is
+    waited for; all of it bounded by the world's timeout (at most 30 s), then the rest is
+    aborted. Every connection, listener, shared segment and background task is released. Safe
+    to call twice.
+
+    Args:
+        abort: wait for nothing: drop every connection at once (after at most 1 s for aborts
+            and notices being sent). Peers see this rank as crashed.
+
+    Raises:
+        asyncio.CancelledError: the caller was cancelled; everything is aborted and released.
     """
+    await leave(barrier=not abort, abort=abort)
+
+
+async def leave(*, barrier: bool, abort: bool) -> None:
+    """``destroy()`` with the barrier chosen apart from the abort: ``async with init()`` and the
+    test harness leave after an exception without a barrier (the others may be stuck waiting
+    for this rank, and are better told at once by its goodbye) but still gracefully."""
     global _process_world
     w = _current.get() or _process_world
     if w is None or w.closed:
         return
+    interrupted = False
+    met = False
     try:
-        if not abort and w.world_size > 1:
-            from ._collectives import barrier
+        if barrier and w.world_size > 1:
+            from ._collectives import barrier as _barrier
 
             try:
-                await barrier(w.group, timeout=min(w.timeout, 30.0))
+                await _barrier(w.group, timeout=min(w.timeout, 30.0))
+                met = True
             except Exception as exc:  # a dead peer must not keep us from cleaning up
                 log.warning("rank %d: barrier in destroy() failed: %s", w.rank, exc)
-                abort = True
+    except BaseException:
+        interrupted = True
+        raise
     finally:
         w.closed = True
-        if abort:
-            # Aborts and notices about the failure that brought us here are still being sent
-            # in the background; without them the others would blame this rank for leaving.
-            await w.comm.aflush(min(w.timeout, 1.0))
-            w.comm.abort()
-        else:
-            await w.comm.aclose()
-        if w.store is not None:
-            await w.store.aclose()
-        if _current.get() is w:
-            _current.set(None)
-        if _process_world is w:
-            _process_world = None
+        try:
+            if abort or interrupted:
+                # Aborts and notices about the failure that brought us here are still being sent
+                # in the background; without them the others would blame this rank for leaving.
+                await w.comm.aflush(min(w.timeout, 1.0))
+                w.comm.abort()
+            else:
+                await _close(w, everyone_met=met)
+        finally:
+            if w.store is not None:
+                await w.store.aclose()
+            if _current.get() is w:
+                _current.set(None)
+            if _process_world is w:
+                _process_world = None
+
+
+async def _close(w: World, *, everyone_met: bool) -> None:
+    """Close ``w``'s communicator gracefully within CLOSE_TIMEOUT_S, then abort what is left."""
+    bound = min(w.timeout, CLOSE_TIMEOUT_S)
+    try:
+        async with asyncio.timeout(bound):
+            if not everyone_met and w.world_size > 1:
+                late = await w.comm.wait_joined(bound / 2)  # the other half is for closing
+                if late:
+                    log.warning("rank %d: leaving before ranks %s connected to it", w.rank, sorted(late))
+            await w.comm.aclose(flush_timeout=min(bound, FLUSH_TIMEOUT_S))
+    except TimeoutError:
+        log.warning("rank %d: closing gracefully took over %s s; the rest is aborted", w.rank, bound)
+        w.comm.abort()
+    except BaseException:
+        w.comm.abort()
+        raise

@@ -156,3 +156,34 @@ async def test_a_member_behind_finishes_the_steps_before_the_failure_and_raises_
         return "ok"
 
     assert await run_ranks(body, 3, timeout=5) == ["ok"] * 3
+
+
+async def test_news_of_a_death_passed_between_survivors_still_names_the_dead_rank():
+    """Rank 1 dies. Rank 2 hears of it only through rank 3 (rank 3's ABORT of a collective that
+    failed for want of rank 1), then rank 3 and rank 2 go away without a goodbye (aborted, or
+    stopped by a launcher) before this rank saw rank 1's own link end. Whatever this rank calls
+    next on a group of all four must name rank 1, the one death, not a survivor that left."""
+    from aiocoll._comm import Communicator
+    from aiocoll._wire import FLAG_CONTROL, FrameKey, Kind
+    from aiocoll._errors import TransportError
+    import json
+
+    comm = Communicator(0, 4)
+
+    def control(peer, key, body):
+        raw = key.pack()
+        buf = comm.frame_buffer(peer, raw, len(body))
+        buf[:] = body
+        comm.frame_received(peer, raw, buf)
+
+    gid = 77
+    lost_key = FrameKey(0, 0, 0, Kind.LOST, 0, 0, FLAG_CONTROL, 0)
+    abort_key = FrameKey(gid, 5, 0, Kind.ABORT, 0, 0, FLAG_CONTROL, 0)
+    control(3, abort_key, json.dumps({"code": "peer", "message": "rank 1 was lost", "ranks": [1], "origin": 3}).encode())
+    control(2, lost_key, json.dumps({"lost": 3, "reason": "was lost (no goodbye)"}).encode())
+    comm.peer_lost(3, TransportError("rank 3 closed the connection without saying goodbye"))
+    comm.peer_lost(2, TransportError("rank 2 closed the connection without saying goodbye"))
+    await asyncio.sleep(0)  # losses are handled a loop turn later
+    with pytest.raises(aiocoll.PeerFailureError) as info:
+        comm.begin("all", 99, 0, "all_reduce", frozenset(range(4)))
+    assert info.value.ranks == (1,), info.value

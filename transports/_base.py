@@ -186,6 +186,10 @@ class Transport(Protocol):
         """Drop every connection and the listener at once."""
         ...
 
+    # Optional: ``inbound_peers() -> set[int]``, the ranks that have connected to this one. A
+    # rank leaving after a failure waits (bounded) until every live peer has, so that a peer
+    # still in ``init`` can finish it. A transport without it is taken as fully connected.
+
 
 class TransportFactory(Protocol):
     """What the entry point ``aiocoll.transports`` names: a class or callable making a Transport."""

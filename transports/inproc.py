@@ -71,6 +71,7 @@ class InprocTransport:
         self._address = ""
         self._closed = False
         self._peers: set[int] = set()  # ranks we are linked with in either direction
+        self._inbound: set[int] = set()  # ranks that connected to us
         self._lost: set[int] = set()
 
     async def listen(self, sink: FrameSink) -> str:
@@ -94,7 +95,12 @@ class InprocTransport:
             await asyncio.sleep(0.001)
         self._peers.add(peer)
         target._peers.add(self.rank)
+        target._inbound.add(self.rank)
         return InprocConnection(self, peer, target)
+
+    def inbound_peers(self) -> set[int]:
+        """Ranks that have connected to this one."""
+        return set(self._inbound)
 
     def _lose(self, peer: int, exc: BaseException | None) -> None:
         if peer in self._lost or self._sink is None:

@@ -547,6 +547,7 @@ class ShmTransport:
         self._inbound: set[_Inbound] = set()
         self._lost: set[int] = set()
         self._fds: list[tuple[int, int]] = []  # (peer, descriptor) received, not yet claimed
+        self._admitted: set[int] = set()  # peers whose link to us is set up
         self._closed = False
         #: Called with ``abort`` when this transport closes; same-host fast paths put their
         #: engines here so that their segments, doorbells and threads end with the links.
@@ -655,6 +656,7 @@ class ShmTransport:
             return
         assert self._sink is not None
         self._inbound.add(_Inbound(self, peer, sock, ring, self._sink, self._spin_for(peer_pid)))
+        self._admitted.add(peer)
 
     def _parse_hello(self, hello: bytes) -> int:
         if len(hello) != _HELLO.size:
@@ -781,6 +783,10 @@ class ShmTransport:
         # A peer in this very process (ranks as tasks of one loop, in tests) can only make
         # progress once we return to the loop: spinning for it is pure waste.
         return 0.0 if peer_pid == os.getpid() else self.spin_s
+
+    def inbound_peers(self) -> set[int]:
+        """Ranks that have set up their link to this one (it may have ended since)."""
+        return set(self._admitted)
 
     def _forget(self, conn: ShmConnection) -> None:
         self._conns.discard(conn)

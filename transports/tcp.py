@@ -377,16 +377,16 @@ class TcpConnection(asyncio.Protocol):
                     piece = data[written : written + _SLICE]
                     t.write(piece)
                     written += len(piece)
-                    await self._drain()
+                    await self._drain(last=written == total)
                 if total == 0:
-                    await self._drain()
+                    await self._drain(last=True)
             except asyncio.CancelledError:
                 if written < total or t.get_write_buffer_size() > 0:
                     self._break("a send was cancelled in the middle of a frame")
                     t.abort()
                 raise
 
-    async def _drain(self) -> None:
+    async def _drain(self, last: bool = False) -> None:
         if self._paused and not self._broken:
             waiter = asyncio.get_running_loop().create_future()
             self._drain_waiter = waiter
@@ -394,6 +394,12 @@ class TcpConnection(asyncio.Protocol):
                 await waiter
             finally:
                 self._drain_waiter = None
+        if last and self._goodbye and self._transport.get_write_buffer_size() == 0:
+            # The whole frame was in the kernel before the peer's goodbye was read. A peer says
+            # goodbye only once its collectives are over, having read all it needed: the frame
+            # was either received or not needed, and failing here would fail a collective the
+            # peer completed (the goodbye often overtakes this task's wake-up).
+            return
         self._check_intact()
 
     def _check_intact(self) -> None:
@@ -416,6 +422,20 @@ class TcpConnection(asyncio.Protocol):
         if not self._reported and not self._closing:
             self._reported = True
             self._owner._lose(self.peer, exc)
+
+    def _report_after_frames(self, exc: BaseException | None) -> None:
+        """Report the peer gone, unless frames it sent may still sit in the other socket.
+
+        The layer above takes a loss to mean "nothing more will come from this peer" and fails
+        what still waits for it; this socket's end says nothing about the other one, where the
+        peer's last frames may be unread yet (a loaded host reads sockets in any order). That
+        connection reports the loss once its stream ends, after the last frame, whether the
+        peer said goodbye there or not.
+        """
+        if self._owner._receiving_from(self.peer):
+            self._reported = True
+        else:
+            self._report(exc)
 
     # -- asyncio.Protocol
 
@@ -441,27 +461,28 @@ class TcpConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self._goodbye:
             self._break(f"rank {self.peer} said goodbye")
-            if self._owner._receiving_from(self.peer):
-                # Frames the peer sent before leaving may still sit in the other socket; that
-                # connection reports the loss once its stream ends, after the last frame.
-                self._reported = True
-            else:
-                self._report(None)
+            self._report_after_frames(None)
         else:
             reason = f"rank {self.peer} closed the connection without saying goodbye (did it die?)"
             self._break(reason)
-            self._report(TransportError(reason))
+            self._report_after_frames(TransportError(reason))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
         self._break(reason)
-        self._report(TransportError(f"connection to rank {self.peer} at {self.address} lost: {reason}"))
+        self._report_after_frames(TransportError(f"connection to rank {self.peer} at {self.address} lost: {reason}"))
         self._owner._outgoing.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
 
     # -- closing
+
+    def left_during_handshake(self) -> None:
+        """The peer's goodbye came with the handshake: treat it as received, and close."""
+        self._goodbye = True
+        self.eof_received()
+        self._transport.close()
 
     async def aclose(self) -> None:
         """Wait for sends already started, say goodbye, and close.
@@ -519,6 +540,7 @@ class TcpTransport:
         self._incoming: set[_Receiver] = set()
         self._outgoing: set[TcpConnection] = set()
         self._lost: set[int] = set()  # peers already reported to the sink
+        self._admitted: set[int] = set()  # peers whose connection to us passed the handshake
         self._closing = False
         self._closed: asyncio.Event | None = None
 
@@ -614,6 +636,7 @@ class TcpTransport:
         receiver = _Receiver(self, peer, remote, writer)
         transport.set_protocol(receiver)
         self._incoming.add(receiver)
+        self._admitted.add(peer)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _tune(sock, 0, send=False, receive=False)
@@ -655,8 +678,13 @@ class TcpTransport:
             their_rank = self._parse_hello(hello)
             if their_rank != peer:
                 raise HandshakeError(f"the listener is rank {their_rank}")
+            left = False
             if _unread(reader):
-                raise HandshakeError("peer sent data after the handshake")
+                if _unread(reader) != len(_BYE) or await reader.readexactly(len(_BYE)) != _BYE:
+                    raise HandshakeError("peer sent data after the handshake")
+                # Its goodbye, right behind its OK: the peer finished and left while this side
+                # was still reading the OK. Nothing is wrong with the link; the peer is gone.
+                left = True
         except HandshakeError as exc:
             transport.abort()
             raise HandshakeError(f"handshake with rank {peer} at {address} failed: {exc}") from exc
@@ -666,7 +694,7 @@ class TcpTransport:
         if self._closing:
             transport.abort()
             raise TransportError(f"rank {self.rank}'s transport was closed while connecting to rank {peer}")
-        if reader.at_eof() or reader.exception() is not None or transport.is_closing():
+        if not left and (reader.at_eof() or reader.exception() is not None or transport.is_closing()):
             transport.abort()
             raise TransportError(f"rank {peer} at {address} closed the connection right after the handshake")
         conn = TcpConnection(self, peer, address, writer)
@@ -685,6 +713,8 @@ class TcpTransport:
             _tune(sock, self._buffer_size, send=True, receive=False)
         self._lost.discard(peer)
         self._outgoing.add(conn)
+        if left:
+            conn.left_during_handshake()
         return conn
 
     async def _open(
@@ -739,6 +769,10 @@ class TcpTransport:
 
     def _receiving_from(self, peer: int) -> bool:
         return any(r.peer == peer and r.receiving for r in self._incoming)
+
+    def inbound_peers(self) -> set[int]:
+        """Ranks that have connected to this one (their connection may have ended since)."""
+        return set(self._admitted)
 
     def _check_open(self) -> None:
         if self._closing:

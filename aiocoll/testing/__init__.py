@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .._world import destroy, in_harness, init
+from .._world import in_harness, init, leave
 
 T = TypeVar("T")
 
@@ -62,14 +62,18 @@ async def run_ranks(
             transport_options=options,
             **init_kwargs,
         )
-        failed = False
+        failed: BaseException | None = None
         try:
             return await fn(rank)
-        except BaseException:
-            failed = True
+        except BaseException as exc:
+            failed = exc
             raise
         finally:
-            await destroy(abort=failed)
+            # As a process would: a rank that failed leaves without the barrier (the others may
+            # wait for it in a collective it will never join), but gracefully, so that the
+            # others get every frame it sent for the collectives it completed. Cancelled (the
+            # whole run is being torn down): at once.
+            await leave(barrier=failed is None, abort=isinstance(failed, asyncio.CancelledError))
 
     tasks = [asyncio.create_task(one(r), name=f"aiocoll-rank-{r}") for r in range(world_size)]
     try:

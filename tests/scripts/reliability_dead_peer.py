@@ -13,10 +13,15 @@ on shm the fast-path segments, exist). Then, by MODE:
             a moment it chooses (frames are then cut in the middle).
   hang      everyone loops on a small all_reduce with ``timeout=HANG_TIMEOUT``; the test
             SIGSTOPs the victim (no connection reset: only the timeout can tell).
+  churn     everyone loops on three collectives in flight at once (all_reduce, broadcast from a
+            root that moves, all_gather); the victim SIGKILLs itself CHURN_AFTER seconds after
+            printing LOOPING. Survivors do not wait for each other: each leaves (one more call,
+            then destroy()) as soon as it has its error, so survivors see each other leave while
+            they still look at the death, and must still name the victim and only it.
 
 A survivor prints ``RESULT {...}`` per collective (outcome, error type, ranks at fault, group,
-step, wall time), waits for the other survivors (files in RELIABILITY_SYNC_DIR), and prints
-``AFTER {...}`` for one more call on the world, which must fail at once.
+step, wall time), waits for the other survivors (files in RELIABILITY_SYNC_DIR; not in churn
+mode), and prints ``AFTER {...}`` for one more call on the world, which must fail at once.
 It prints ``LEAKS {...}`` after destroy(): tasks still alive and descriptors not closed.
 """
 
@@ -70,6 +75,18 @@ async def survivors_done(rank: int, size: int) -> None:
         await asyncio.sleep(0.01)
 
 
+def x_root(root: int, rank: int) -> np.ndarray:
+    return np.arange(64.0) + 1000 * root if rank == root else np.zeros(64)
+
+
+def churn_wrong(outs: list[np.ndarray], rounds: int, size: int) -> str | None:
+    want = [np.full(257, size * (size + 1) / 2), x_root(rounds % size, rounds % size), np.repeat(np.arange(size), 3)]
+    for name, got, w in zip(("all_reduce", "broadcast", "all_gather"), outs, want):
+        if got.shape != w.shape or not np.array_equal(got, w):
+            return f"{name}: got {got.ravel()[:4]}, want {w.ravel()[:4]}"
+    return None
+
+
 def die() -> None:
     emit("DIED", t=time.time())
     os.kill(os.getpid(), signal.SIGKILL)
@@ -111,6 +128,29 @@ async def main() -> None:
                 outcome = exc
             emit("RESULT", rank=rank, **describe(name, outcome, rank, size, started))
             del outcome
+    elif MODE == "churn":
+        at = None
+        rounds = 0
+        while True:
+            if rank == VICTIM and at is not None and time.monotonic() >= at:
+                die()
+            started = time.time()
+            ins = [np.full(257, rank + 1.0), x_root(rounds % size, rank), np.full(3, rank, np.int64)]
+            try:
+                outs = await asyncio.gather(
+                    aiocoll.all_reduce(ins[0]), aiocoll.broadcast(ins[1], rounds % size), aiocoll.all_gather(ins[2])
+                )
+            except Exception as exc:
+                emit("RESULT", rank=rank, rounds=rounds, **describe("churn", exc, rank, size, started))
+                break
+            wrong = churn_wrong(outs, rounds, size)
+            if wrong:
+                emit("RESULT", rank=rank, kind="churn", outcome="WRONG", why=f"round {rounds}: {wrong}")
+                break
+            rounds += 1
+            if rounds == 3:
+                emit("LOOPING", rank=rank)
+                at = time.monotonic() + float(os.environ.get("CHURN_AFTER", "0.1"))
     elif MODE in ("midframe", "hang"):
         n = (8 << 20) if MODE == "midframe" else int(os.environ.get("HANG_COUNT", "1024"))
         timeout = None if MODE == "midframe" else HANG_TIMEOUT
@@ -133,7 +173,8 @@ async def main() -> None:
     else:
         raise SystemExit(f"unknown mode {MODE!r}")
 
-    await survivors_done(rank, size)
+    if MODE != "churn":
+        await survivors_done(rank, size)
     started = time.time()
     try:
         await aiocoll.barrier()
