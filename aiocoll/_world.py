@@ -24,6 +24,7 @@ from ._comm import Communicator
 from ._errors import NotInitializedError, StoreError
 from ._group import ProcessGroup, group_id
 from ._group_registry import GroupRegistry
+from ._timeout import seconds
 from .transports import Transport, TransportConfig, get_transport
 
 log = logging.getLogger("aiocoll")
@@ -85,16 +86,6 @@ def world() -> ProcessGroup:
     return current_world().group
 
 
-def _env_float(name: str) -> float | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-
-
 async def _start(
     rank: int | None,
     world_size: int | None,
@@ -107,10 +98,10 @@ async def _start(
     ssl_client: _ssl.SSLContext | None,
     transport_options: Mapping[str, Any] | None,
 ) -> World:
+    from ._env import read_launch_env, read_timeout
+
     env = None
     if rank is None or world_size is None:
-        from ._env import read_launch_env
-
         env = read_launch_env()
     if rank is None:
         rank = env.rank if env is not None else 0
@@ -120,10 +111,7 @@ async def _start(
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
-    if timeout is None:
-        timeout = _env_float("AIOCOLL_TIMEOUT") or DEFAULT_TIMEOUT
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
+    timeout = seconds(timeout) if timeout is not None else (read_timeout() or DEFAULT_TIMEOUT)
     transport = transport or os.environ.get("AIOCOLL_TRANSPORT") or "auto"
     if secret is None:
         secret = os.environ.get("AIOCOLL_SECRET") or (env.secret if env is not None else None)
@@ -151,6 +139,12 @@ async def _start(
         comm.abort()
         await w.store.aclose()
         raise
+    # Every rank connected to the store before it published its address, and nothing uses the
+    # store after this: a store served here stops listening, so that a rank of the next world
+    # (init after destroy) cannot reach this one while it closes and take its keys for new.
+    stop_listening = getattr(w.store, "stop_listening", None)
+    if stop_listening is not None:
+        stop_listening()
     return w
 
 
@@ -178,6 +172,11 @@ async def _connect_all(
 ) -> None:
     rank, size, comm = w.rank, w.world_size, w.comm
     names = _candidates(transport)
+    # Each init of this store gets its own keys: a store that outlives a world (a standalone
+    # server, a file store, torch's store) still holds the last world's addresses, which a rank
+    # starting again must not take for the new ones. Every rank counts its own joins, so ranks
+    # that started and left worlds together agree on the round without waiting for each other.
+    space = f"aiocoll/{await w.store.add(f'aiocoll/rounds/{rank}', 1)}"
     if not secret and transport != "inproc":
         # No shared secret given (plain torchrun, say): rank 0 makes one and hands it out through
         # the store. Connections are then authenticated against outsiders that cannot read the
@@ -189,9 +188,9 @@ async def _connect_all(
         )
         if rank == 0:
             secret = new_secret()
-            await w.store.set("aiocoll/secret", secret)
+            await w.store.set(f"{space}/secret", secret)
         else:
-            secret = await w.store.get("aiocoll/secret", timeout=w.timeout)
+            secret = await w.store.get(f"{space}/secret", timeout=w.timeout)
     bind = host or os.environ.get("AIOCOLL_HOST") or "127.0.0.1"
     started: dict[str, Transport] = {}
     addresses: dict[str, str] = {}
@@ -212,10 +211,10 @@ async def _connect_all(
         comm.transports.append(t)
         addresses[name] = await t.listen(comm)
     me = {"host": host_key(), "addresses": addresses}
-    await w.store.set(f"aiocoll/addr/{rank}", json.dumps(me).encode())
+    await w.store.set(f"{space}/addr/{rank}", json.dumps(me).encode())
 
     async def link(peer: int) -> None:
-        info = json.loads(await w.store.get(f"aiocoll/addr/{peer}", timeout=w.timeout))
+        info = json.loads(await w.store.get(f"{space}/addr/{peer}", timeout=w.timeout))
         theirs: dict[str, str] = info["addresses"]
         same_host = info["host"] == me["host"]
         for name in names:
@@ -286,7 +285,8 @@ def init(
             a Store object. Not needed for a world of one.
         transport: ``"auto"`` (shared memory on one host, TCP between hosts), ``"tcp"``,
             ``"shm"``, ``"ucx"``, ``"inproc"``, or a plugin's name.
-        timeout: default seconds for every collective and for meeting the other ranks.
+        timeout: default seconds for every collective and for meeting the other ranks (a
+            positive, finite number).
         secret: shared secret that authenticates the store and every connection.
         host: address to listen on and advertise (default 127.0.0.1, or ``AIOCOLL_HOST``).
         ssl / ssl_client: TLS contexts for TCP between hosts.
