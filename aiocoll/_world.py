@@ -86,6 +86,22 @@ def world() -> ProcessGroup:
     return current_world().group
 
 
+NO_SECRET = (
+    "no shared secret: without one, anyone who can reach the store or a rank's port could join "
+    "this world, read its data and change its results. Set AIOCOLL_SECRET to the same random "
+    "string on every rank (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`) or "
+    "pass init(secret=...); or start the ranks with `aiocoll run`, which makes one per job; or "
+    "use torch.distributed.init_process_group('aiocoll'), which shares one through torch's "
+    "store. On a network where everyone who can connect is trusted, init(insecure=True) or "
+    "AIOCOLL_INSECURE=1 starts without one."
+)
+
+
+def _listens(transport: str, store: Any) -> bool:
+    """Whether this world opens anything that other processes can connect to."""
+    return transport != "inproc" or (isinstance(store, str) and store.lower().startswith("tcp:"))
+
+
 async def _start(
     rank: int | None,
     world_size: int | None,
@@ -97,9 +113,12 @@ async def _start(
     ssl: _ssl.SSLContext | None,
     ssl_client: _ssl.SSLContext | None,
     transport_options: Mapping[str, Any] | None,
+    insecure: bool,
 ) -> World:
-    from ._env import read_launch_env, read_timeout
+    from ._env import read_insecure, read_launch_env, read_timeout
 
+    if not isinstance(insecure, bool):
+        raise TypeError(f"insecure must be True or False, got {insecure!r}")
     env = None
     if rank is None or world_size is None:
         env = read_launch_env()
@@ -127,6 +146,18 @@ async def _start(
         raise ValueError(
             f"a world of {world_size} ranks needs a store to meet: pass store='tcp://host:port' "
             "(or file:///path, or a Store), or set MASTER_ADDR and MASTER_PORT"
+        )
+    if not secret_b and _listens(transport, store):
+        # Refused before anything listens: a world without a secret would serve an open store
+        # (and, before this check, handed out its connection secret through it).
+        if not (insecure or read_insecure()):
+            raise ValueError(NO_SECRET)
+        log.warning(
+            "rank %d: INSECURE: starting without a shared secret (insecure=True or "
+            "AIOCOLL_INSECURE=1): anyone who can reach the store %s or this rank's ports can join "
+            "this world, read its data and change its results",
+            rank,
+            store if isinstance(store, str) else type(store).__name__,
         )
     from ._store import open_store
 
@@ -178,14 +209,8 @@ async def _connect_all(
     # that started and left worlds together agree on the round without waiting for each other.
     space = f"aiocoll/{await w.store.add(f'aiocoll/rounds/{rank}', 1)}"
     if not secret and transport != "inproc":
-        # No shared secret given (plain torchrun, say): rank 0 makes one and hands it out through
-        # the store. Connections are then authenticated against outsiders that cannot read the
-        # store, but the store itself is open: anyone reaching it could read the secret.
-        log.warning(
-            "rank %d: no AIOCOLL_SECRET: the store is unauthenticated and carries a generated "
-            "connection secret (aiocoll run sets AIOCOLL_SECRET for you)",
-            rank,
-        )
+        # Insecure mode (_start refused otherwise): the transports still need a secret, so rank
+        # 0 makes one and hands it out through the store, which anyone reaching it can read.
         if rank == 0:
             secret = new_secret()
             await w.store.set(f"{space}/secret", secret)
@@ -274,11 +299,19 @@ def init(
     ssl: _ssl.SSLContext | None = None,
     ssl_client: _ssl.SSLContext | None = None,
     transport_options: Mapping[str, Any] | None = None,
+    insecure: bool = False,
 ) -> _Init:
     """Join the world: ``pg = await aiocoll.init(...)`` or ``async with aiocoll.init(...) as pg``.
 
     Arguments left out come from the environment (torchrun, Open MPI, MPICH or SLURM variables;
-    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_SECRET``), else rank 0 of a world of 1.
+    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_SECRET``, ``AIOCOLL_INSECURE``), else
+    rank 0 of a world of 1.
+
+    A world of several ranks needs a shared secret (``secret=``, ``AIOCOLL_SECRET``, or the one
+    ``aiocoll run`` makes per job): it authenticates the store and every connection. Without
+    one, ``init`` refuses unless ``insecure=True`` or ``AIOCOLL_INSECURE=1`` (logged as a
+    warning): then anyone who can reach the store can join. Worlds on ``inproc`` with an
+    in-process store open nothing to other processes and need no secret.
 
     Args:
         store: ``"tcp://host:port"`` (rank 0 serves it unless one runs), ``"file:///path"``, or
@@ -288,14 +321,17 @@ def init(
         timeout: default seconds for every collective and for meeting the other ranks (a
             positive, finite number).
         secret: shared secret that authenticates the store and every connection.
+        insecure: start without a shared secret (see above).
         host: address to listen on and advertise (default 127.0.0.1, or ``AIOCOLL_HOST``).
         ssl / ssl_client: TLS contexts for TCP between hosts.
 
     Raises:
-        ValueError: bad rank, world size, timeout, or no store for a world of several ranks.
+        ValueError: bad rank, world size, timeout, no store for a world of several ranks, or no
+            shared secret (and no opt-in to run without one).
         StoreError / TransportError / HandshakeError: the ranks could not meet.
     """
     return _Init(
+        insecure=insecure,
         rank=rank,
         world_size=world_size,
         store=store,
