@@ -148,22 +148,40 @@ def _stall(transport: str, mib: int, op: str, out: str) -> list[dict]:
     return rows
 
 
-# Wall-clock bounds are wide: a loaded 2-core CI machine preempts the heartbeat for tens of ms
-# whatever aiocoll does. What fails on a copy made in one go is the memory: the destination's
-# pages come in while the whole scratch copy is still held.
-@pytest.mark.parametrize(
-    "transport, op, out, max_extra",
-    [
-        ("tcp", "all_reduce", "touched", 0.95),  # in one go: 1.0 (scratch + the algorithm's half-size temporary)
-        ("tcp", "recv", "fresh", 1.5),  # in one go: 2.0 (scratch + destination)
-        ("shm", "recv", "fresh", 1.5),
-    ],
-)
-def test_a_late_rank_holds_less_than_the_payload_extra_and_its_loop_keeps_ticking(transport, op, out, max_extra):
-    rows = _stall(transport, 256, op, out)
+# What fails on a copy made in one go is the memory: the destination's pages come in while the
+# whole scratch copy is still held (2x the payload on the late rank, receiving into new memory).
+# The loop's stalls are bounded on the CPU time its thread spent between two heartbeats, not on
+# wall-clock gaps: on a loaded 2-core machine the OS alone keeps a process off the CPU for up to
+# a second (seen in 1 of 10 runs beside two busy loops).
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_late_rank_holds_no_more_than_the_frame_and_its_loop_keeps_ticking(transport):
+    rows = _stall(transport, 256, "recv", "fresh")
     late = next(r for r in rows if r["late"])
-    assert late["extra_x"] < max_extra, rows
-    assert all(r["wall_gap_ms"] < 1000 for r in rows), rows
+    assert late["extra_x"] < 1.5, json.dumps(rows)  # in one go: 2.0 (scratch + destination)
+    assert all(r["cpu_gap_ms"] < 250 for r in rows), json.dumps(rows)
+    # The same for a whole all_reduce, measured as the issue does: peak resident memory minus
+    # the memory before (the input) minus the result (written during the call, so in extra_x).
+    rows = _stall(transport, 256, "all_reduce", "fresh")
+    assert all(r["extra_x"] - 1.0 < 1.0 for r in rows), json.dumps(rows)  # under 1x the payload
+    assert all(r["cpu_gap_ms"] < 250 for r in rows), json.dumps(rows)
+
+
+def test_scratch_memory_is_private_so_that_released_pages_are_freed():
+    """Anonymous shared memory (mmap's default) is a shmem file: MADV_DONTNEED only unmaps its
+    pages, which stay allocated until the munmap frees them all at once (40 ms for 256 MiB)."""
+    import ctypes
+
+    from aiocoll._comm import Communicator
+
+    view = Communicator(0, 2)._scratch(1, 8 * MIB)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+        if lo <= start < hi:
+            assert line.split()[1][3] == "p", line
+            break
+    else:
+        raise AssertionError("the scratch mapping is not in /proc/self/maps")
 
 
 @pytest.mark.stress
@@ -171,5 +189,5 @@ def test_a_late_rank_holds_less_than_the_payload_extra_and_its_loop_keeps_tickin
 def test_a_1_gib_all_reduce_keeps_every_heartbeat_gap_under_50_ms(transport):
     """The issue's bar on a quiet machine with a few free cores (not a loaded 2-core CI box)."""
     rows = _stall(transport, 1024, "all_reduce", "touched")
-    assert all(r["wall_gap_ms"] < 50 for r in rows), rows
-    assert all(r["extra_x"] < 1 for r in rows), rows
+    assert all(r["wall_gap_ms"] < 50 for r in rows), json.dumps(rows)
+    assert all(r["extra_x"] < 1 for r in rows), json.dumps(rows)
