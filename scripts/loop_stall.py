@@ -52,7 +52,12 @@ def _reset_peak() -> None:
 
 def _payload(n: int, rank: int) -> np.ndarray:
     # Small integers: every partial sum is exact in float32, whatever the order of the reduction.
-    return (np.arange(n, dtype=np.int64) % 1024).astype(np.float32) * (rank + 1)
+    # Made in pieces: a 1 GiB payload through one int64 arange would need 2 GiB more.
+    x = np.empty(n, np.float32)
+    step = 1 << 24
+    for i in range(0, n, step):
+        x[i : i + step] = (np.arange(i, min(i + step, n)) % 1024).astype(np.float32) * (rank + 1)
+    return x
 
 
 async def main() -> None:
