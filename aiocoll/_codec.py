@@ -11,6 +11,7 @@ Format: one tag byte per value, then lengths as unsigned LEB128 varints.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -19,6 +20,9 @@ import numpy as np
 from ._dtypes import wire_dtype
 
 MAX_DEPTH = 100
+
+# What encode() writes for a dtype: byte order, kind, item size ("<f4", "|b1", "<c16").
+_DTYPE = re.compile(rb"[<>|=]?[biufc][0-9]{1,2}")
 
 _NONE, _TRUE, _FALSE, _INT, _NEGINT, _FLOAT, _COMPLEX, _STR, _BYTES, _LIST, _TUPLE, _DICT, _ARRAY, _SCALAR = range(14)
 
@@ -105,10 +109,16 @@ def encode(obj: Any) -> bytes:
     """Encode ``obj``.
 
     Raises:
-        CodecError: a value of an unsupported type, or nesting deeper than MAX_DEPTH.
+        CodecError: a value of an unsupported type, nesting deeper than MAX_DEPTH, or any
+            other failure while walking the object.
     """
     out = bytearray()
-    _enc(obj, out, 0)
+    try:
+        _enc(obj, out, 0)
+    except CodecError:
+        raise
+    except Exception as exc:  # e.g. a container changed while it was being encoded
+        raise CodecError(f"cannot encode {type(obj).__name__}: {type(exc).__name__}: {exc}") from exc
     return bytes(out)
 
 
@@ -177,11 +187,16 @@ def _dec(r: _Reader, depth: int) -> Any:
                 raise CodecError(f"unhashable dict key: {exc}") from None
         return out
     if tag in (_ARRAY, _SCALAR):
+        raw_dt = bytes(r.take(r.varint()))
+        # np.dtype() parses its argument as a little language (tuples, commas, field lists;
+        # "i4,(" raised SyntaxError): only the plain type strings that encode() writes reach it.
+        if not _DTYPE.fullmatch(raw_dt):
+            raise CodecError(f"bad array dtype {raw_dt[:40]!r}")
         try:
-            dt = np.dtype(bytes(r.take(r.varint())).decode("ascii"))
+            dt = np.dtype(raw_dt.decode("ascii"))
             wire_dtype(dt.newbyteorder("="))
-        except (TypeError, ValueError, UnicodeDecodeError) as exc:
-            raise CodecError(f"bad array dtype: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"bad array dtype {raw_dt!r}: {exc}") from None
         ndim = r.varint()
         if ndim > 64:
             raise CodecError(f"array of {ndim} dimensions")
@@ -199,15 +214,19 @@ def decode(data: bytes) -> Any:
     """Decode what ``encode`` made.
 
     Raises:
-        CodecError: the bytes are truncated, malformed, or have trailing garbage.
+        CodecError: the bytes are truncated, malformed, or have trailing garbage. Nothing else:
+            whatever a hostile message makes the decoder or numpy raise is reported as this.
     """
     r = _Reader(data)
     try:
         obj = _dec(r, 0)
     except CodecError:
         raise
-    except (UnicodeDecodeError, ValueError, OverflowError) as exc:
-        raise CodecError(f"malformed value: {exc}") from None
+    except Exception as exc:
+        # The bytes come from the network: any other exception here is a malformed message
+        # reaching a case the checks above did not foresee, never a reason to crash the caller
+        # with an error type it cannot expect.
+        raise CodecError(f"malformed value at offset {r.pos}: {type(exc).__name__}: {exc}") from None
     if r.pos != len(r.data):
         raise CodecError(f"{len(r.data) - r.pos} bytes of trailing garbage")
     return obj

@@ -43,6 +43,7 @@ from ._fastpath import fastpath_for
 from ._group import ProcessGroup
 from ._group_forms import resolve_group
 from ._ops import ReduceOp, check_op_dtype, finish_avg, parse_op, reduce_into
+from ._timeout import seconds
 from ._wire import NO_CALL, Call, Kind
 from ._world import current_world
 from .algorithms import direct, dissemination, ring, tree
@@ -61,11 +62,26 @@ def _group(group: Any) -> ProcessGroup:
 
 
 def _timeout(g: ProcessGroup, timeout: float | None) -> float:
-    if timeout is None:
-        return g.world.timeout
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    return float(timeout)
+    """The call's timeout; also checks that it runs on the world's event loop.
+
+    Every collective calls this before it claims a sequence number or sends anything, so a
+    call from the wrong loop fails on its caller alone and leaves the group intact.
+
+    Raises:
+        RuntimeError: called from another event loop than the one that ran ``init``.
+        ValueError: ``timeout`` is not a positive, finite number of seconds.
+    """
+    owner = g.world.loop
+    if owner is not None and asyncio.get_running_loop() is not owner:
+        # The world's connections and futures belong to its loop: run here, the frames would be
+        # sent and read by two loops at once, and the members would disagree on what happened.
+        raise RuntimeError(
+            f"a collective of {g.name} was called from another event loop than the one that ran "
+            "aiocoll.init(); a world's collectives run on its own loop. From another thread, use "
+            "aiocoll.sync (its calls run on the world's loop) or "
+            "asyncio.run_coroutine_threadsafe(coro, loop) with that loop."
+        )
+    return g.world.timeout if timeout is None else seconds(timeout)
 
 
 def _dim(dim: int, ndim: int, what: str = "dim") -> int:

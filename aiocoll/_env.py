@@ -12,7 +12,8 @@ torchrun comes first because it is often run *inside* an MPI or SLURM allocation
 variables then describe the launcher's processes, not the ranks. The store is
 ``AIOCOLL_STORE`` if set, else ``tcp://MASTER_ADDR:MASTER_PORT`` if both are set, else None
 (MPI and SLURM do not provide one; the caller says it needs one). ``AIOCOLL_TRANSPORT``,
-``AIOCOLL_TIMEOUT`` and ``AIOCOLL_SECRET`` are read alongside.
+``AIOCOLL_TIMEOUT`` and ``AIOCOLL_SECRET`` are read alongside; ``AIOCOLL_TIMEOUT`` and
+``AIOCOLL_INSECURE`` also without a launcher (``read_timeout``, ``read_insecure``).
 
 Every value is checked: a set variable that is empty, not a number, or out of range raises
 ValueError naming the variable, rather than starting a world that can never meet.
@@ -169,6 +170,36 @@ def _timeout(environ: Mapping[str, str]) -> float | None:
     return value
 
 
+def read_timeout(environ: Mapping[str, str] = os.environ) -> float | None:
+    """AIOCOLL_TIMEOUT in seconds, or None where unset (read with or without a launcher).
+
+    Raises:
+        ValueError: set but empty, not a number, NaN, infinite, zero or negative.
+    """
+    return _timeout(environ)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def read_insecure(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether AIOCOLL_INSECURE opts in to starting a world without a shared secret.
+
+    Raises:
+        ValueError: set to something other than 1/true/yes/on or 0/false/no/off (an unclear
+            answer to "may anyone on the network join?" is not taken as yes or no).
+    """
+    raw = _get(environ, "AIOCOLL_INSECURE")
+    if raw is None:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"AIOCOLL_INSECURE={raw!r}: use 1 (start without a shared secret) or 0")
+
+
 def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv | None:
     """Recognise the launcher from ``environ`` and read this rank's place in the world.
 
@@ -225,4 +256,4 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv | None
     )
 
 
-__all__ = ["LaunchEnv", "read_launch_env"]
+__all__ = ["LaunchEnv", "read_insecure", "read_launch_env", "read_timeout"]

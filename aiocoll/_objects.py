@@ -112,7 +112,8 @@ def _all_gather_object_start(obj: Any, group: Any, allow_pickle: bool, timeout: 
 
 async def broadcast_object(obj: Any, src: int, group: Any = None, *, allow_pickle: bool = False,
                            timeout: float | None = None) -> Any:
-    """Member ``src``'s ``obj`` on every member (the others' ``obj`` is ignored).
+    """Member ``src``'s ``obj`` on every member (the others' ``obj`` is ignored). On ``src``
+    itself the result is ``obj`` (not a decoded copy: a root never unpickles its own bytes).
 
     Raises:
         ValueError: as for all_gather_object. CollectiveError: as for broadcast (MismatchError
@@ -129,7 +130,8 @@ def _broadcast_object_start(obj: Any, src: int, group: Any, allow_pickle: bool,
     payload = _broadcast_payload_start(g, root, data, _timeout(g, timeout))
 
     async def run() -> Any:
-        return _loads(await payload, allow_pickle)
+        got = await payload
+        return obj if g.rank == root else _loads(got, allow_pickle)
 
     return Started(run(), *payload.turns)
 

@@ -207,7 +207,6 @@ class ShmEngine:
         self._transport = transport
         self._waiting: algo.Wait | None = None
         self._current: ActiveOp | None = None  # the operation holding the engine's turn
-        self._comm: Communicator | None = None
         self._unheard: list[tuple[int, asyncio.Future[Any]]] = []  # setup messages awaited
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stop = threading.Event()
@@ -327,7 +326,6 @@ class ShmEngine:
         if ticket is None:
             ticket = self.reserve()
         comm = g.world.comm
-        self._comm = comm
         try:
             active = comm.begin(g.name, g.gid, seq, name, self._member_set)
         except BaseException:
@@ -727,7 +725,7 @@ class ShmEngine:
                 if failure is not None:
                     raise failure
                 gone = self._departed(w)
-                if gone and self._comm is not None:
+                if gone:
                     raise self._comm.lost_error(active, gone)
                 left = deadline - loop.time()
                 if left <= 0:
@@ -800,7 +798,7 @@ class ShmEngine:
                 # Reads the communicator's record of the dead from this thread: a set lookup,
                 # and a stale answer only costs one more slice.
                 gone = self._departed(w)
-                if gone and self._comm is not None:
+                if gone:
                     raise self._comm.lost_error(active, gone)
                 bell.wait_blocking(SLEEP_SLICE_S)
         finally:

@@ -23,12 +23,12 @@ is not a number) raises StoreError.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from ._errors import StoreError
+from ._timeout import seconds
 
 if TYPE_CHECKING:
     import ssl
@@ -145,17 +145,14 @@ def check_value(value: object) -> bytes:
 
 
 def check_timeout(timeout: float | None) -> float | None:
-    """Validate a timeout in seconds.
+    """Validate a timeout in seconds: None (no limit) or a finite number >= 0.
 
     Raises:
-        ValueError: negative or NaN.
+        ValueError: not a number, NaN, infinite (None waits without limit) or negative.
     """
     if timeout is None:
         return None
-    timeout = float(timeout)
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout}")
-    return timeout
+    return seconds(timeout, "store timeout (None waits without limit)", allow_zero=True)
 
 
 def check_amount(amount: object) -> int:
@@ -420,8 +417,7 @@ async def open_store(
         raise TypeError(f"store must be a URL or a Store object, not {type(spec).__name__}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    timeout = seconds(timeout)
     url = parse_store_url(spec)
     if url.scheme == "tcp":
         from ._store_tcp import connect_or_serve  # here, not at the top: _store_tcp imports us

@@ -43,6 +43,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import ssl
 import struct
 import sys
@@ -61,6 +62,7 @@ from ._store import (
     check_timeout,
     check_value,
 )
+from ._timeout import seconds
 
 log = logging.getLogger("aiocoll.store")
 
@@ -213,8 +215,10 @@ class TcpStoreServer:
         Raises:
             OSError: the address cannot be bound (EADDRINUSE when a server already runs there).
         """
-        self = cls(secret, ssl=ssl, handshake_timeout=handshake_timeout)
-        self._server = await asyncio.start_server(self._on_connect, host, port, ssl=ssl)
+        self = cls(secret, ssl=ssl, handshake_timeout=seconds(handshake_timeout, "handshake_timeout"))
+        # asyncio's default backlog is 100: a world of more ranks starting at once would have
+        # connections refused or dropped (then retried with backoff) before the server accepts.
+        self._server = await asyncio.start_server(self._on_connect, host, port, ssl=ssl, backlog=socket.SOMAXCONN)
         self._name = "tcp://" + format_address(*self.address)
         log.info("store %s: listening%s", self._name, " (TLS)" if ssl is not None else "")
         if not secret:
@@ -243,6 +247,12 @@ class TcpStoreServer:
     def connections(self) -> int:
         """Open client connections (authenticated or still in the handshake)."""
         return len(self._connections)
+
+    def stop_listening(self) -> None:
+        """Accept no new connection; clients already connected are served as before. Idempotent."""
+        if self._server is not None and self._server.is_serving():
+            self._server.close()
+            log.info("store %s: no longer accepting connections", self._name)
 
     async def aclose(self) -> None:
         """Stop listening, drop every client, and wait for every task started. Idempotent.
@@ -471,6 +481,7 @@ class TcpStoreClient:
             StoreError: nothing answered within ``timeout``, the server failed the handshake (or
                 we did), or it is not an aiocoll store.
         """
+        timeout = seconds(timeout)
         name = "tcp://" + format_address(host, port)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -659,7 +670,8 @@ class TcpStoreClient:
 class ServedStore:
     """The store as the serving rank sees it: direct calls on the server's table, no socket.
 
-    ``aclose`` stops the server; other ranks' pending calls then raise StoreError.
+    ``init`` calls ``stop_listening`` once every rank has met (nothing uses the store after
+    that); ``aclose`` stops the server; other ranks' pending calls then raise StoreError.
     """
 
     def __init__(self, server: TcpStoreServer) -> None:
@@ -684,6 +696,10 @@ class ServedStore:
     async def delete(self, key: str) -> bool:
         """See Store.delete."""
         return await self.server.state.delete(key)
+
+    def stop_listening(self) -> None:
+        """Accept no new client (see TcpStoreServer.stop_listening); connected ones stay."""
+        self.server.stop_listening()
 
     async def aclose(self) -> None:
         """Stop serving. Idempotent."""

@@ -24,6 +24,7 @@ from ._comm import Communicator
 from ._errors import NotInitializedError, StoreError
 from ._group import ProcessGroup, group_id
 from ._group_registry import GroupRegistry
+from ._timeout import seconds
 from .transports import Transport, TransportConfig, get_transport
 
 log = logging.getLogger("aiocoll")
@@ -85,14 +86,20 @@ def world() -> ProcessGroup:
     return current_world().group
 
 
-def _env_float(name: str) -> float | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+NO_SECRET = (
+    "no shared secret: without one, anyone who can reach the store or a rank's port could join "
+    "this world, read its data and change its results. Set AIOCOLL_SECRET to the same random "
+    "string on every rank (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`) or "
+    "pass init(secret=...); or start the ranks with `aiocoll run`, which makes one per job; or "
+    "use torch.distributed.init_process_group('aiocoll'), which shares one through torch's "
+    "store. On a network where everyone who can connect is trusted, init(insecure=True) or "
+    "AIOCOLL_INSECURE=1 starts without one."
+)
+
+
+def _listens(transport: str, store: Any) -> bool:
+    """Whether this world opens anything that other processes can connect to."""
+    return transport != "inproc" or (isinstance(store, str) and store.lower().startswith("tcp:"))
 
 
 async def _start(
@@ -106,11 +113,14 @@ async def _start(
     ssl: _ssl.SSLContext | None,
     ssl_client: _ssl.SSLContext | None,
     transport_options: Mapping[str, Any] | None,
+    insecure: bool,
 ) -> World:
+    from ._env import read_insecure, read_launch_env, read_timeout
+
+    if not isinstance(insecure, bool):
+        raise TypeError(f"insecure must be True or False, got {insecure!r}")
     env = None
     if rank is None or world_size is None:
-        from ._env import read_launch_env
-
         env = read_launch_env()
     if rank is None:
         rank = env.rank if env is not None else 0
@@ -120,10 +130,7 @@ async def _start(
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
-    if timeout is None:
-        timeout = _env_float("AIOCOLL_TIMEOUT") or DEFAULT_TIMEOUT
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
+    timeout = seconds(timeout) if timeout is not None else (read_timeout() or DEFAULT_TIMEOUT)
     transport = transport or os.environ.get("AIOCOLL_TRANSPORT") or "auto"
     if secret is None:
         secret = os.environ.get("AIOCOLL_SECRET") or (env.secret if env is not None else None)
@@ -140,6 +147,18 @@ async def _start(
             f"a world of {world_size} ranks needs a store to meet: pass store='tcp://host:port' "
             "(or file:///path, or a Store), or set MASTER_ADDR and MASTER_PORT"
         )
+    if not secret_b and _listens(transport, store):
+        # Refused before anything listens: a world without a secret would serve an open store
+        # (and, before this check, handed out its connection secret through it).
+        if not (insecure or read_insecure()):
+            raise ValueError(NO_SECRET)
+        log.warning(
+            "rank %d: INSECURE: starting without a shared secret (insecure=True or "
+            "AIOCOLL_INSECURE=1): anyone who can reach the store %s or this rank's ports can join "
+            "this world, read its data and change its results",
+            rank,
+            store if isinstance(store, str) else type(store).__name__,
+        )
     from ._store import open_store
 
     w.store = await open_store(
@@ -151,6 +170,12 @@ async def _start(
         comm.abort()
         await w.store.aclose()
         raise
+    # Every rank connected to the store before it published its address, and nothing uses the
+    # store after this: a store served here stops listening, so that a rank of the next world
+    # (init after destroy) cannot reach this one while it closes and take its keys for new.
+    stop_listening = getattr(w.store, "stop_listening", None)
+    if stop_listening is not None:
+        stop_listening()
     return w
 
 
@@ -178,20 +203,19 @@ async def _connect_all(
 ) -> None:
     rank, size, comm = w.rank, w.world_size, w.comm
     names = _candidates(transport)
+    # Each init of this store gets its own keys: a store that outlives a world (a standalone
+    # server, a file store, torch's store) still holds the last world's addresses, which a rank
+    # starting again must not take for the new ones. Every rank counts its own joins, so ranks
+    # that started and left worlds together agree on the round without waiting for each other.
+    space = f"aiocoll/{await w.store.add(f'aiocoll/rounds/{rank}', 1)}"
     if not secret and transport != "inproc":
-        # No shared secret given (plain torchrun, say): rank 0 makes one and hands it out through
-        # the store. Connections are then authenticated against outsiders that cannot read the
-        # store, but the store itself is open: anyone reaching it could read the secret.
-        log.warning(
-            "rank %d: no AIOCOLL_SECRET: the store is unauthenticated and carries a generated "
-            "connection secret (aiocoll run sets AIOCOLL_SECRET for you)",
-            rank,
-        )
+        # Insecure mode (_start refused otherwise): the transports still need a secret, so rank
+        # 0 makes one and hands it out through the store, which anyone reaching it can read.
         if rank == 0:
             secret = new_secret()
-            await w.store.set("aiocoll/secret", secret)
+            await w.store.set(f"{space}/secret", secret)
         else:
-            secret = await w.store.get("aiocoll/secret", timeout=w.timeout)
+            secret = await w.store.get(f"{space}/secret", timeout=w.timeout)
     bind = host or os.environ.get("AIOCOLL_HOST") or "127.0.0.1"
     started: dict[str, Transport] = {}
     addresses: dict[str, str] = {}
@@ -212,10 +236,10 @@ async def _connect_all(
         comm.transports.append(t)
         addresses[name] = await t.listen(comm)
     me = {"host": host_key(), "addresses": addresses}
-    await w.store.set(f"aiocoll/addr/{rank}", json.dumps(me).encode())
+    await w.store.set(f"{space}/addr/{rank}", json.dumps(me).encode())
 
     async def link(peer: int) -> None:
-        info = json.loads(await w.store.get(f"aiocoll/addr/{peer}", timeout=w.timeout))
+        info = json.loads(await w.store.get(f"{space}/addr/{peer}", timeout=w.timeout))
         theirs: dict[str, str] = info["addresses"]
         same_host = info["host"] == me["host"]
         for name in names:
@@ -278,27 +302,39 @@ def init(
     ssl: _ssl.SSLContext | None = None,
     ssl_client: _ssl.SSLContext | None = None,
     transport_options: Mapping[str, Any] | None = None,
+    insecure: bool = False,
 ) -> _Init:
     """Join the world: ``pg = await aiocoll.init(...)`` or ``async with aiocoll.init(...) as pg``.
 
     Arguments left out come from the environment (torchrun, Open MPI, MPICH or SLURM variables;
-    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_SECRET``), else rank 0 of a world of 1.
+    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_SECRET``, ``AIOCOLL_INSECURE``), else
+    rank 0 of a world of 1.
+
+    A world of several ranks needs a shared secret (``secret=``, ``AIOCOLL_SECRET``, or the one
+    ``aiocoll run`` makes per job): it authenticates the store and every connection. Without
+    one, ``init`` refuses unless ``insecure=True`` or ``AIOCOLL_INSECURE=1`` (logged as a
+    warning): then anyone who can reach the store can join. Worlds on ``inproc`` with an
+    in-process store open nothing to other processes and need no secret.
 
     Args:
         store: ``"tcp://host:port"`` (rank 0 serves it unless one runs), ``"file:///path"``, or
             a Store object. Not needed for a world of one.
         transport: ``"auto"`` (shared memory on one host, TCP between hosts), ``"tcp"``,
             ``"shm"``, ``"ucx"``, ``"inproc"``, or a plugin's name.
-        timeout: default seconds for every collective and for meeting the other ranks.
+        timeout: default seconds for every collective and for meeting the other ranks (a
+            positive, finite number).
         secret: shared secret that authenticates the store and every connection.
+        insecure: start without a shared secret (see above).
         host: address to listen on and advertise (default 127.0.0.1, or ``AIOCOLL_HOST``).
         ssl / ssl_client: TLS contexts for TCP between hosts.
 
     Raises:
-        ValueError: bad rank, world size, timeout, or no store for a world of several ranks.
+        ValueError: bad rank, world size, timeout, no store for a world of several ranks, or no
+            shared secret (and no opt-in to run without one).
         StoreError / TransportError / HandshakeError: the ranks could not meet.
     """
     return _Init(
+        insecure=insecure,
         rank=rank,
         world_size=world_size,
         store=store,

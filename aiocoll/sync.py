@@ -159,12 +159,24 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _refuse_in_loop(name: str) -> None:
-    if _running_loop() is not None:
+    running = _running_loop()
+    if running is None:
+        return
+    world = _world_or_none()
+    owner = getattr(world, "loop", None) if world is not None else None
+    if owner is not None and owner is not running:
+        # `await aiocoll.<name>` would be refused here too: the world runs on another loop.
         raise RuntimeError(
             f"aiocoll.sync.{name}() was called from a thread whose event loop is running; blocking "
-            f"here would stall that loop. In async code use `await aiocoll.{name}(...)`, or run the "
-            "blocking call in another thread (asyncio.to_thread)."
+            f"here would stall that loop. The world runs on another event loop, where `await "
+            f"aiocoll.{name}(...)` is the async form; from this loop, run the blocking call in a "
+            f"worker thread: `await asyncio.to_thread(aiocoll.sync.{name}, ...)`."
         )
+    raise RuntimeError(
+        f"aiocoll.sync.{name}() was called from a thread whose event loop is running; blocking "
+        f"here would stall that loop. In async code use `await aiocoll.{name}(...)`, or run the "
+        "blocking call in another thread (asyncio.to_thread)."
+    )
 
 
 def _world_or_none() -> World | None:

@@ -5,8 +5,9 @@ one and only its ranks know it. While the ranks all-reduce in a loop (checking e
 this test, knowing their addresses but not the secret, tries to: join through the store, read
 from it, answer the handshake with a forged proof, speak to the store and to each rank's
 listener without a handshake, inject a well-formed frame, and connect as a rank with a wrong
-secret over tcp and shm. Every attempt must be refused, each refusal logged by the rank with
-a reason, and the job must finish with correct results.
+secret over tcp and shm. Every attempt must be refused (the store, which stops listening once
+the ranks have met, by not being there), each refusal by a rank logged with a reason, and the
+job must finish with correct results.
 
 TLS: ranks pass ``ssl``/``ssl_client`` contexts to init; the collectives run over TLS and a
 plaintext intruder is refused.
@@ -105,16 +106,18 @@ async def _attack(addrs: list[dict], transport: str) -> dict[str, int]:
         refused[name] = refused.get(name, 0) + 1
 
     store_host, store_port = _host_port("tcp://" + addrs[0]["store"])
-    # 1. join through the store (what init does first) with a wrong secret
-    with pytest.raises(StoreError, match="handshake"):
-        await TcpStoreClient.connect(store_host, store_port, secret=WRONG, timeout=5)
+    # 1-3. the store: once the ranks have met, rank 0 stops accepting connections to it, so
+    # joining through it (with a wrong secret), a forged proof and a request without handshake
+    # all find nothing to talk to. (The store's own refusals, while it listens, are tested in
+    # test_store.py and test_reliability_fuzz.py.)
+    with pytest.raises(StoreError, match="could not reach"):
+        await TcpStoreClient.connect(store_host, store_port, secret=WRONG, timeout=1)
     count("store: wrong secret")
-    # 2. forge the proof: the store answers with its own proof, then must drop us without OK
-    got = await _forged_proof(store_host, store_port, b"store", b"")
-    assert _auth.OK not in got[32 + 32 + 2 :], "the store accepted a forged proof"
+    with pytest.raises(ConnectionRefusedError):
+        await _forged_proof(store_host, store_port, b"store", b"")
     count("store: forged proof")
-    # 3. a store request without any handshake
-    assert await _raw(store_host, store_port, struct.pack("!BIHIq", 2, 1, 13, 0, -1) + b"aiocoll/addr/0") == b""
+    with pytest.raises(ConnectionRefusedError):
+        await _raw(store_host, store_port, struct.pack("!BIHIq", 2, 1, 13, 0, -1) + b"aiocoll/1/addr/0")
     count("store: request without handshake")
     for a in addrs:
         host, port = _host_port(a["tcp"])
@@ -187,7 +190,6 @@ async def test_a_process_without_the_secret_is_refused_and_the_job_carries_on(tr
     done = [json.loads(line.split("DONE ", 1)[1]) for line in out.splitlines() if "DONE " in line]
     assert sorted(d["rank"] for d in done) == [0, 1, 2] and all(d["rounds"] > 0 for d in done), out
     # each refusal logged by its rank with the reason
-    assert err.count("store") and "refused connection from" in err, err[-3000:]
     tcp_drops = [line for line in err.splitlines() if "dropped a connection from" in line or "dropped the connection from" in line]
     assert len(tcp_drops) >= 3 * 3, err[-3000:]  # frame, forged proof, wrong secret on each rank
     assert any("bad magic" in line or "not an aiocoll peer" in line for line in tcp_drops), tcp_drops

@@ -65,7 +65,8 @@ class TransportConfig:
     """What every transport is constructed with.
 
     rank / world_size: this process's global rank and the world's size.
-    secret: shared secret for the connection handshake (empty: no authentication, inproc only).
+    secret: shared secret for the connection handshake (empty: no authentication, inproc only);
+        left out of the repr, so that logging a config does not leak it.
     host: the address to listen on / advertise (an interface address, not 0.0.0.0).
     timeout: seconds to keep trying to connect before raising TransportError.
     ssl_server / ssl_client: optional TLS contexts for transports that can use them.
@@ -74,7 +75,7 @@ class TransportConfig:
 
     rank: int
     world_size: int
-    secret: bytes = b""
+    secret: bytes = field(default=b"", repr=False)
     host: str = "127.0.0.1"
     timeout: float = 60.0
     ssl_server: ssl.SSLContext | None = None

@@ -573,7 +573,7 @@ class ShmTransport:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind("\0" + name)
-            sock.listen(max(16, self.world_size))
+            sock.listen(socket.SOMAXCONN)  # every peer of a large world may connect at once
             sock.setblocking(False)
         except OSError as exc:
             sock.close()

@@ -569,7 +569,12 @@ class TcpTransport:
         try:
             # A plain callback, not a coroutine: asyncio then starts no task of its own, and we
             # track the handshake tasks ourselves so that none outlives the transport.
-            self._server = await asyncio.start_server(self._on_connect, sock=sock, **kwargs)
+            # start_server calls listen() again with its own backlog (default 100), replacing
+            # the one _bind set: without this, a world of more ranks connecting at once would
+            # see connections dropped (retried with backoff) before the listener accepts them.
+            self._server = await asyncio.start_server(
+                self._on_connect, sock=sock, backlog=socket.SOMAXCONN, **kwargs
+            )
         except BaseException:
             sock.close()
             raise

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from .._auth import new_secret
 from .._world import in_harness, init, leave
 
 T = TypeVar("T")
@@ -38,7 +39,8 @@ async def run_ranks(
 
     Args:
         transport: ``"inproc"`` (default) or any transport whose ranks can share a process
-            (``"tcp"`` works too, over loopback).
+            (``"tcp"`` works too, over loopback). Unless ``secret=`` or ``insecure=True`` is
+            passed, the run gets a fresh secret.
         timeout: the world's default collective timeout.
         return_exceptions: return each rank's exception in its slot instead of raising.
 
@@ -48,6 +50,9 @@ async def run_ranks(
     from .._store import MemoryStore
 
     store = MemoryStore()
+    if init_kwargs.get("secret") is None and not init_kwargs.get("insecure"):
+        # The harness owns the rendezvous, as a launcher does: it makes the run's secret.
+        init_kwargs["secret"] = new_secret()
     options = dict(init_kwargs.pop("transport_options", None) or {})
     options.setdefault("world", f"test-{uuid.uuid4().hex[:12]}")
 

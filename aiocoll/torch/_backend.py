@@ -7,9 +7,10 @@ group of the same ranks. Collectives return at once with a Work whose future com
 collective has written its results into the caller's tensors (in place, as c10d requires), so
 DDP and other torch.distributed code run over aiocoll's transports.
 
-Environment: ``AIOCOLL_TRANSPORT`` picks the transport (default ``auto``). The transports'
-shared secret is drawn by rank 0 and passed through torch's store (as trusted as that store),
-unless ``AIOCOLL_SECRET`` is set.
+Environment: ``AIOCOLL_TRANSPORT`` picks the transport (default ``auto``). The world's shared
+secret is ``AIOCOLL_SECRET`` if set; otherwise rank 0 draws one per world and passes it through
+torch's store. Whoever can read that store can join torch.distributed's own process group too,
+so this is no weaker than torch.distributed itself, and ``init`` needs no opt-in here.
 
 State: CPU and CUDA tensors (CUDA staged through host memory, the caller's stream recorded);
 allreduce(_coalesced), broadcast, allgather (lists and into one tensor), reduce_scatter (lists and
@@ -348,7 +349,11 @@ def _create(opts: Any, backend_options: Any = None) -> AiocollProcessGroup:
         store = C10dStore(opts.store)
         secret = os.environ.get("AIOCOLL_SECRET")
         if not secret:
-            key = "aiocoll/torch-backend/secret"
+            # A key per world: torch's store may outlive one (torchrun's), and a rank starting
+            # again must not read the last world's secret before rank 0 has set the new one.
+            # Each rank counts its own starts, so the ranks agree without waiting on each other.
+            started = int(opts.store.add(f"aiocoll/torch-backend/starts/{opts.group_rank}", 1))
+            key = f"aiocoll/torch-backend/{started}/secret"
             if opts.group_rank == 0:
                 opts.store.set(key, secrets.token_hex(32))
             secret = bytes(opts.store.get(key)).decode()
