@@ -5,17 +5,15 @@
     y = await aiocoll.all_reduce(x)                # never blocks the event loop
     await aiocoll.destroy()
 
-Everything public is listed in ``__all__`` below (a test keeps it honest); implementation
-modules are private (``_name``). Errors: see ``aiocoll._errors`` for the tree.
+Everything public is listed in ``__all__`` below (a test keeps it honest). The sub-packages are
+the implementation, one layer each (see README's "Where things live"): core, arrays,
+collectives, algorithms, engines, groups, store, launch, plus the ``transports`` it is
+installed with, ``torch`` and ``testing``. Errors: see ``aiocoll.core.errors`` for the tree.
 """
 
 from __future__ import annotations
 
-from . import _layout
-
-_layout.mount_transports()
-
-from ._collectives import (  # noqa: E402
+from .collectives.tensors import (
     all_gather,
     all_gather_coalesced,
     all_reduce,
@@ -32,7 +30,7 @@ from ._collectives import (  # noqa: E402
     scatter,
     send,
 )
-from ._errors import (  # noqa: E402
+from .core.errors import (
     AiocollError,
     CollectiveError,
     CollectiveTimeoutError,
@@ -45,8 +43,8 @@ from ._errors import (  # noqa: E402
     StoreError,
     TransportError,
 )
-from ._group import ProcessGroup  # noqa: E402
-from ._groups_api import (  # noqa: E402
+from .groups.group import ProcessGroup
+from .groups.api import (
     destroy_group,
     expand_group,
     find_group,
@@ -54,11 +52,11 @@ from ._groups_api import (  # noqa: E402
     new_group,
     new_subgroups,
 )
-from ._mesh import DeviceMesh, init_device_mesh  # noqa: E402
-from ._loop import run  # noqa: E402
-from ._objects import all_gather_object, broadcast_object  # noqa: E402
-from ._ops import ReduceOp  # noqa: E402
-from ._world import destroy, init, world  # noqa: E402
+from .groups.mesh import DeviceMesh, init_device_mesh
+from .core.loop import run
+from .collectives.objects import all_gather_object, broadcast_object
+from .arrays.ops import ReduceOp
+from .core.world import destroy, init, world
 
 __version__ = "0.1.0"
 

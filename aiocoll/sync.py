@@ -43,13 +43,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import aiocoll
-from aiocoll import _collectives, _groups_api, _mesh, _objects
-from aiocoll._errors import NotInitializedError
-from aiocoll._group import ProcessGroup
-from aiocoll._world import current_world
+from aiocoll.collectives import tensors as _collectives
+from aiocoll.groups import api as _groups_api
+from aiocoll.groups import mesh as _mesh
+from aiocoll.collectives import objects as _objects
+from aiocoll.core.errors import NotInitializedError
+from aiocoll.groups.group import ProcessGroup
+from aiocoll.core.world import current_world
 
 if TYPE_CHECKING:
-    from aiocoll._world import World
+    from aiocoll.core.world import World
 
 log = logging.getLogger("aiocoll")
 
@@ -255,7 +258,7 @@ def _streams_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]
     if not found:
         yield
         return
-    from aiocoll._torch_arrays import recorded_streams
+    from aiocoll.arrays.tensors import recorded_streams
 
     with recorded_streams(found):
         yield

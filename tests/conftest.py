@@ -1,7 +1,8 @@
 """Shared test set-up.
 
-The suite tests the installed package (``pip install '.[test]'``, as README and .ci/run do).
-From a source checkout that was never installed, it falls back to the tree this file sits in.
+The suite tests the installed package (``pip install -e '.[test]'``, as README and .ci/run do):
+installing is the one way ``transports/`` becomes ``aiocoll.transports`` (pyproject's
+package-dir), so a checkout that was never installed fails here with that hint.
 """
 
 from __future__ import annotations
@@ -12,5 +13,5 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-if importlib.util.find_spec("aiocoll") is None:
-    sys.path.insert(0, str(REPO))
+if importlib.util.find_spec("aiocoll") is None or importlib.util.find_spec("aiocoll.transports") is None:
+    raise RuntimeError("aiocoll is not installed in this interpreter: run pip install -e '.[test]' first")

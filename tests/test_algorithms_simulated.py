@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aiocoll import _collectives
+from aiocoll.collectives import tensors as _collectives
 from aiocoll.algorithms import Recv, Send, chunk_bounds, direct, dissemination, ring, tree
 from aiocoll.testing.simulate import Deadlock, ScheduleError, simulate
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aiocoll import _bench
+from aiocoll.launch import bench as _bench
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s+float\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import _fastpath
+from aiocoll.engines import select as _fastpath
 from aiocoll.testing import run_ranks
 
 from _reference import data

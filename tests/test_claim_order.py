@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import _fastpath
-from aiocoll._codec import encode
-from aiocoll._world import current_world
+from aiocoll.engines import select as _fastpath
+from aiocoll.collectives.codec import encode
+from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
 
 from _reference import data

@@ -350,7 +350,7 @@ async def test_world_of_one_needs_no_store():
 
 @pytest.mark.parametrize("algorithm", ["direct", "rsag", "ring"])
 async def test_large_payload_local_work_runs_off_the_loop(algorithm):
-    from aiocoll._driver import OFFLOAD_BYTES
+    from aiocoll.engines.messages import OFFLOAD_BYTES
 
     algorithms.force("all_reduce", algorithm)
     count = OFFLOAD_BYTES // 8 * 2 + 3
@@ -399,7 +399,7 @@ async def test_coalesced_calls_claim_their_order_before_other_collectives_interl
 
 def test_parse_op_accepts_torch_reduce_ops():
     torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up installs it")
-    from aiocoll._ops import ReduceOp, parse_op
+    from aiocoll.arrays.ops import ReduceOp, parse_op
 
     assert parse_op(torch.distributed.ReduceOp.SUM) is ReduceOp.SUM
     assert parse_op(torch.distributed.ReduceOp(torch.distributed.ReduceOp.MAX)) is ReduceOp.MAX

@@ -12,7 +12,7 @@ if importlib.util.find_spec("aiocoll") is None:
     # --import-mode=importlib leaves sys.path alone; without an install, test this tree.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiocoll._env import LaunchEnv, read_launch_env  # noqa: E402
+from aiocoll.launch.env import LaunchEnv, read_launch_env  # noqa: E402
 
 TORCHRUN = {
     "RANK": "3",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll._world import current_world
+from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
 
 

@@ -26,9 +26,9 @@ if importlib.util.find_spec("aiocoll") is None:
     # this file sits in (the same one the subprocess tests run from).
     sys.path.insert(0, str(REPO))
 
-from aiocoll import _cli  # noqa: E402
-from aiocoll._cli import _split_run_argv, main  # noqa: E402
-from aiocoll._launcher import (  # noqa: E402
+from aiocoll.launch import cli as _cli  # noqa: E402
+from aiocoll.launch.cli import _split_run_argv, main  # noqa: E402
+from aiocoll.launch.launcher import (  # noqa: E402
     LaunchInfo,
     launch,
     register_cleanup,
@@ -397,7 +397,7 @@ def test_failing_cleanup_hook_is_logged_not_raised(
     script = write_script(tmp_path, "pass")
     register_cleanup(broken)
     try:
-        with caplog.at_level(logging.ERROR, logger="aiocoll._launcher"):
+        with caplog.at_level(logging.ERROR, logger="aiocoll.launch.launcher"):
             assert main(["run", "-n", "1", script]) == 0
     finally:
         unregister_cleanup(broken)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import aiocoll
-from aiocoll._loop import loop_factory
+from aiocoll.core.loop import loop_factory
 
 
 def test_run_uses_uvloop_by_default(monkeypatch):

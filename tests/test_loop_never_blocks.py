@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll._world import current_world
+from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_scratch_memory_is_private_so_that_released_pages_are_freed():
     pages, which stay allocated until the munmap frees them all at once (40 ms for 256 MiB)."""
     import ctypes
 
-    from aiocoll._comm import Communicator
+    from aiocoll.core.comm import Communicator
 
     view = Communicator(0, 2)._scratch(1, 8 * MIB)
     start = ctypes.addressof(ctypes.c_char.from_buffer(view))

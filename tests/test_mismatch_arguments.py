@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import _fastpath
+from aiocoll.engines import select as _fastpath
 from aiocoll.testing import run_ranks
 
 from _reference import data
@@ -141,7 +141,7 @@ async def test_the_group_stays_broken_after_a_mismatch_and_others_are_unharmed(t
 async def test_without_an_answer_to_describe_a_member_says_what_it_knows(monkeypatch):
     """A member whose peer never answers what it called (its loop stuck, say) still fails the
     collective, after a bounded wait, naming both members and its own call."""
-    from aiocoll._comm import Communicator
+    from aiocoll.core.comm import Communicator
 
     monkeypatch.setattr(Communicator, "_on_describe", lambda self, peer, key, body: None)
 

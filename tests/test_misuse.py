@@ -30,11 +30,11 @@ import pytest
 
 import aiocoll
 import aiocoll.sync as coll
-from aiocoll import _codec
-from aiocoll._codec import CodecError
-from aiocoll._store import MemoryStore, open_store
-from aiocoll._store_file import FileStore
-from aiocoll._store_tcp import TcpStoreClient, TcpStoreServer
+from aiocoll.collectives import codec as _codec
+from aiocoll.collectives.codec import CodecError
+from aiocoll.store.base import MemoryStore, open_store
+from aiocoll.store.file import FileStore
+from aiocoll.store.tcp import TcpStoreClient, TcpStoreServer
 from aiocoll.testing import run_ranks
 from aiocoll.transports import TransportConfig, get_transport
 
@@ -222,7 +222,7 @@ def test_init_after_destroy_works_round_after_round_with_a_store_that_outlives_t
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIOCOLL_")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "aiocoll._store_tcp", "--port", str(port)],
+        [sys.executable, "-m", "aiocoll.store.tcp", "--port", str(port)],
         env={**env, "AIOCOLL_SECRET": secret}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -308,7 +308,7 @@ def test_no_repr_shows_the_secret(tmp_path):
     secret = b"hunter2-" + os.urandom(4).hex().encode()
     config = TransportConfig(rank=0, world_size=2, secret=secret)
     assert secret.decode() not in repr(config) and secret.decode() not in str(config)
-    from aiocoll._env import read_launch_env
+    from aiocoll.launch.env import read_launch_env
 
     env = read_launch_env({"RANK": "0", "WORLD_SIZE": "2", "AIOCOLL_SECRET": secret.decode()})
     assert env is not None and secret.decode() not in repr(env)

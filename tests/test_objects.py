@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll._codec import CodecError, decode, encode
+from aiocoll.collectives.codec import CodecError, decode, encode
 from aiocoll.testing import run_ranks
 
 VALUES = [

@@ -32,9 +32,9 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import _auth
-from aiocoll._errors import HandshakeError, StoreError, TransportError
-from aiocoll._store_tcp import TcpStoreClient
+from aiocoll.core import auth as _auth
+from aiocoll.core.errors import HandshakeError, StoreError, TransportError
+from aiocoll.store.tcp import TcpStoreClient
 from aiocoll.testing import run_ranks
 from aiocoll.transports import TransportConfig, get_transport
 
@@ -225,7 +225,7 @@ async def test_collectives_run_over_tls_and_a_plaintext_peer_is_refused(tls_cont
     addresses: dict[int, str] = {}
 
     async def body(rank):
-        from aiocoll._world import current_world
+        from aiocoll.core.world import current_world
 
         t = current_world().comm.transports[0]
         addresses[rank] = t.address
@@ -249,7 +249,7 @@ async def test_collectives_run_over_tls_and_a_plaintext_peer_is_refused(tls_cont
 async def test_init_with_the_wrong_secret_cannot_join_a_running_world():
     """A would-be rank 2 with the wrong secret: init fails (StoreError), the real ranks'
     collective is untouched, and the store never learns a key from it."""
-    from aiocoll._store import open_store
+    from aiocoll.store.base import open_store
     from _reliability_harness import free_port
 
     port = free_port()

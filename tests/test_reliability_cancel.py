@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll._world import current_world
+from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
 
 TRANSPORTS = ["inproc", "tcp", "shm"]
@@ -232,8 +232,8 @@ async def test_a_member_whose_segment_descriptor_never_came_raises_a_collective_
 
 
 async def test_closing_the_store_just_after_a_client_left_logs_nothing():
-    from aiocoll import _auth
-    from aiocoll._store_tcp import TcpStoreServer
+    from aiocoll.core import auth as _auth
+    from aiocoll.store.tcp import TcpStoreServer
 
     loop = asyncio.get_running_loop()
     problems: list[str] = []

@@ -19,10 +19,10 @@ import struct
 import numpy as np
 import pytest
 
-from aiocoll import _auth
-from aiocoll._comm import Communicator
-from aiocoll._store_tcp import REQUEST, TcpStoreClient, TcpStoreServer
-from aiocoll._wire import FLAG_CONTROL, FrameKey, Kind
+from aiocoll.core import auth as _auth
+from aiocoll.core.comm import Communicator
+from aiocoll.store.tcp import REQUEST, TcpStoreClient, TcpStoreServer
+from aiocoll.core.wire import FLAG_CONTROL, FrameKey, Kind
 from aiocoll.transports import MAX_FRAME, TransportConfig, get_transport
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc (Linux)")

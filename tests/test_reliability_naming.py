@@ -18,7 +18,7 @@ import pytest
 
 import aiocoll
 from aiocoll import algorithms
-from aiocoll._world import current_world
+from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
 
 
@@ -53,7 +53,7 @@ async def test_a_ring_timeout_names_the_absent_rank_on_every_member(ring):
 
 async def test_without_the_waiting_notices_a_ring_would_blame_bystanders(ring, monkeypatch):
     """The control experiment: silence the notices and the neighbours get named."""
-    from aiocoll import _comm
+    from aiocoll.core import comm as _comm
 
     monkeypatch.setattr(_comm.Communicator, "announce_waiting", lambda self, op: None)
     absent = 2
@@ -163,9 +163,9 @@ async def test_news_of_a_death_passed_between_survivors_still_names_the_dead_ran
     failed for want of rank 1), then rank 3 and rank 2 go away without a goodbye (aborted, or
     stopped by a launcher) before this rank saw rank 1's own link end. Whatever this rank calls
     next on a group of all four must name rank 1, the one death, not a survivor that left."""
-    from aiocoll._comm import Communicator
-    from aiocoll._wire import FLAG_CONTROL, FrameKey, Kind
-    from aiocoll._errors import TransportError
+    from aiocoll.core.comm import Communicator
+    from aiocoll.core.wire import FLAG_CONTROL, FrameKey, Kind
+    from aiocoll.core.errors import TransportError
     import json
 
     comm = Communicator(0, 4)

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll._comm import Communicator
-from aiocoll._dtypes import WireDtype
-from aiocoll._objects import _broadcast_payload_start
-from aiocoll._ops import ReduceOp
-from aiocoll._wire import FLAG_CONTROL, FrameKey, Kind
+from aiocoll.core.comm import Communicator
+from aiocoll.arrays.dtypes import WireDtype
+from aiocoll.collectives.objects import _broadcast_payload_start
+from aiocoll.arrays.ops import ReduceOp
+from aiocoll.core.wire import FLAG_CONTROL, FrameKey, Kind
 from aiocoll.testing import run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
@@ -66,7 +66,7 @@ def test_the_only_unpickling_in_the_package_is_the_opt_in_one():
             if name in ("pickle.loads", "pickle.load", "pickle.Unpickler", "marshal.loads", "marshal.load",
                         "eval", "exec", "dill.loads", "cloudpickle.loads"):
                 hits.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {name}")
-    assert [h for h in hits if not h.startswith("aiocoll/_objects.py")] == [], hits
+    assert [h for h in hits if not h.startswith("aiocoll/collectives/objects.py")] == [], hits
     assert len(hits) == 1, hits
     src = (PACKAGE / "_objects.py").read_text()
     assert "if not allow_pickle:" in src and "refusing to unpickle" in src

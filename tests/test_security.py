@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll._errors import StoreError
-from aiocoll._store import MemoryStore
-from aiocoll._store_tcp import TcpStoreClient
-from aiocoll._world import in_harness
+from aiocoll.core.errors import StoreError
+from aiocoll.store.base import MemoryStore
+from aiocoll.store.tcp import TcpStoreClient
+from aiocoll.core.world import in_harness
 from aiocoll.testing import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import _shm_segment
+from aiocoll.sharedmem import segment as _shm_segment
 from aiocoll.testing import run_ranks
 from aiocoll.transports import TransportConfig, get_transport
 from aiocoll.transports.shm import ShmTransport, parse_address
@@ -255,7 +255,7 @@ async def test_no_descriptor_and_no_dev_shm_file_left_behind():
 async def test_collectives_over_shm_without_the_fast_path(monkeypatch):
     # The message path over shm links (all_to_all always takes it; here everything does).
     monkeypatch.setenv("AIOCOLL_SHM_FASTPATH", "off")
-    from aiocoll import _fastpath
+    from aiocoll.engines import select as _fastpath
 
     _fastpath.reload_settings()
     try:
@@ -348,7 +348,7 @@ def _litter(job: str, pid: int) -> str:
 
 
 def test_named_litter_is_unlinked_by_the_job_cleanup_hook():
-    from aiocoll._launcher import LaunchInfo
+    from aiocoll.launch.launcher import LaunchInfo
 
     name = _litter("testjob42", 999999999)
     assert name in list(_shm_segment.named_segments("testjob42"))

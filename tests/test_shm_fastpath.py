@@ -1,4 +1,4 @@
-"""The same-host fast path (aiocoll._shm_engine) against numpy, and how it fails.
+"""The same-host fast path (aiocoll.engines.shm.engine) against numpy, and how it fails.
 
 Ranks run as tasks of one process over the shm transport (their engines share memory exactly
 as separate processes would). Small parts (4 KiB) make even small arrays take many pipelined
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import _fastpath
-from aiocoll._shm_engine import ShmEngine
-from aiocoll._world import current_world
+from aiocoll.engines import select as _fastpath
+from aiocoll.engines.shm.engine import ShmEngine
+from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
 
 from _reference import DTYPES, OPS, assert_reduced, data, op_valid, reduce_ref
@@ -345,7 +345,7 @@ async def test_torch_bfloat16_through_the_fast_path():
 
 async def test_auto_links_ranks_of_one_host_by_shm_and_the_rest_by_tcp(monkeypatch):
     pytest.importorskip("aiocoll.transports.tcp", reason="the tcp transport ships with aiocoll; runs everywhere")
-    from aiocoll import _world
+    from aiocoll.core import world as _world
 
     def fake_host_key() -> str:
         # ranks 0 and 1 share a host, rank 2 lives elsewhere (the harness names its tasks)

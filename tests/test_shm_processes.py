@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import aiocoll
-from aiocoll import _shm_segment
+from aiocoll.sharedmem import segment as _shm_segment
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shm needs Linux")
 
@@ -120,7 +120,7 @@ def test_auto_uses_shm_between_ranks_of_one_host(tmp_path):
     script.write_text(textwrap.dedent(
         """
         import asyncio, aiocoll
-        from aiocoll._world import current_world
+        from aiocoll.core.world import current_world
         async def main():
             async with aiocoll.init() as world:
                 print("links", sorted(set(current_world().transport_names.values())), flush=True)
@@ -200,7 +200,7 @@ SETUP_KILL_SCRIPT = textwrap.dedent(
     import numpy as np
     import aiocoll
     from aiocoll import _shm_engine
-    from aiocoll._world import current_world
+    from aiocoll.core.world import current_world
 
     def fds():
         found = {}

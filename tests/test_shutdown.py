@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import _auth
-from aiocoll._errors import TransportError
-from aiocoll._store import MemoryStore
-from aiocoll._world import current_world, in_harness
+from aiocoll.core import auth as _auth
+from aiocoll.core.errors import TransportError
+from aiocoll.store.base import MemoryStore
+from aiocoll.core.world import current_world, in_harness
 from aiocoll.testing import run_ranks
 from aiocoll.testing.conformance import RecordingSink
 from aiocoll.transports import KEY_SIZE, TransportConfig
@@ -67,7 +67,7 @@ async def test_what_a_departed_sender_sent_reaches_a_late_receiver(transport: st
     get the value.
 
     A point-to-point send, not a broadcast: a rooted collective's members agree on what they
-    called before any of them finishes (see aiocoll._collectives), so a broadcast's root can no
+    called before any of them finishes (see aiocoll.collectives.tensors), so a broadcast's root can no
     longer complete before the late member has called it.
     """
     want = _payload()

@@ -23,18 +23,18 @@ if importlib.util.find_spec("aiocoll") is None:
     # --import-mode=importlib leaves sys.path alone; without an install, test this tree.
     sys.path.insert(0, str(REPO))
 
-from aiocoll import _auth  # noqa: E402
-from aiocoll._errors import StoreError  # noqa: E402
-from aiocoll._store import MAX_KEY_BYTES, MAX_VALUE_BYTES, MemoryStore, Store, open_store  # noqa: E402
-from aiocoll._store_file import FileStore  # noqa: E402
-from aiocoll._store_tcp import (  # noqa: E402
+from aiocoll.core import auth as _auth  # noqa: E402
+from aiocoll.core.errors import StoreError  # noqa: E402
+from aiocoll.store.base import MAX_KEY_BYTES, MAX_VALUE_BYTES, MemoryStore, Store, open_store  # noqa: E402
+from aiocoll.store.file import FileStore  # noqa: E402
+from aiocoll.store.tcp import (  # noqa: E402
     REQUEST,
     Op,
     ServedStore,
     TcpStoreClient,
     TcpStoreServer,
 )
-from aiocoll._store_tcp import main as standalone_main  # noqa: E402
+from aiocoll.store.tcp import main as standalone_main  # noqa: E402
 
 SECRET = b"test-secret"
 
@@ -335,7 +335,7 @@ async def test_connecting_to_nothing_gives_up_at_the_timeout() -> None:
 async def test_rank0_uses_a_standalone_server_already_running() -> None:
     env = dict(os.environ, AIOCOLL_SECRET=SECRET.decode(), PYTHONPATH=str(REPO))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aiocoll._store_tcp", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "aiocoll.store.tcp", "--host", "127.0.0.1", "--port", "0",
         env=env, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -617,7 +617,7 @@ async def test_file_store_sees_a_key_written_by_another_process(tmp_path: Path) 
     store = FileStore(tmp_path)
     pending = asyncio.create_task(store.get("from-child", timeout=20))
     code = (
-        "import asyncio, sys; from aiocoll._store_file import FileStore; "
+        "import asyncio, sys; from aiocoll.store.file import FileStore; "
         "asyncio.run(FileStore(sys.argv[1]).set('from-child', b'hi'))"
     )
     proc = await asyncio.create_subprocess_exec(

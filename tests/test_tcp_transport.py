@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from aiocoll import _auth
-from aiocoll._errors import HandshakeError, TransportError
+from aiocoll.core import auth as _auth
+from aiocoll.core.errors import HandshakeError, TransportError
 from aiocoll.testing.conformance import CHECKS, Check, RecordingSink, TransportSetup
 from aiocoll.transports import KEY_SIZE, MAX_FRAME, TransportConfig
 from aiocoll.transports.tcp import TcpTransport, parse_address

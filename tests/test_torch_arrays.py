@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up (.ci/run) installs the CPU build")
 
 import aiocoll  # noqa: E402
-from aiocoll._arrays import as_payload  # noqa: E402
-from aiocoll._dtypes import WireDtype, wire_dtype  # noqa: E402
+from aiocoll.arrays.payload import as_payload  # noqa: E402
+from aiocoll.arrays.dtypes import WireDtype, wire_dtype  # noqa: E402
 from aiocoll.testing import run_ranks  # noqa: E402
 
 from _torch_reference import (  # noqa: E402
@@ -312,7 +312,7 @@ async def test_cuda_input_written_on_a_side_stream_is_seen():
     w = 2
 
     async def body(rank):
-        from aiocoll._torch_arrays import recorded_streams
+        from aiocoll.arrays.tensors import recorded_streams
 
         s = torch.cuda.Stream()
         with torch.cuda.stream(s):

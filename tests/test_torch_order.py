@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="torch is an optional extra; the [te
 
 import aiocoll.sync  # noqa: E402
 import aiocoll.torch as ft  # noqa: E402
-from aiocoll._world import current_world  # noqa: E402
+from aiocoll.core.world import current_world  # noqa: E402
 from aiocoll.torch import _work  # noqa: E402
 
 from _torch_reference import blocking_ranks  # noqa: E402

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
-from aiocoll._errors import TransportError
+from aiocoll.core.errors import TransportError
 from aiocoll.testing.conformance import (
     CHECKS,
     DEVICE_CHECKS,

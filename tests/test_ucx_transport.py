@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll._errors import TransportError
+from aiocoll.core.errors import TransportError
 from aiocoll.testing.conformance import RecordingSink
 from aiocoll.transports import KEY_SIZE, TransportConfig
 

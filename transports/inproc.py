@@ -13,7 +13,7 @@ import asyncio
 import time
 from typing import ClassVar
 
-from aiocoll._errors import TransportError
+from aiocoll.core.errors import TransportError
 
 from ._base import Buffer, Capabilities, FrameSink, TransportConfig
 

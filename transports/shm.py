@@ -1,10 +1,10 @@
 """``shm``: frames between ranks of one host through rings in shared memory.
 
-Each one-way connection (see ``_base``) is a byte ring (``aiocoll._shm_ring``) in an anonymous
+Each one-way connection (see ``_base``) is a byte ring (``aiocoll.transports._shm_ring``) in an anonymous
 shared-memory file, plus a Unix stream socket between the two processes::
 
     connect(peer, "shm://@NAME")                    listener at abstract socket "\\0NAME"
-      socket connect, handshake (aiocoll._auth,  ->  accept, handshake, check the peer's uid
+      socket connect, handshake (aiocoll.core.auth,  ->  accept, handshake, check the peer's uid
         purpose b"shm", hello = !II rank, world)
       memfd_create + ftruncate + mmap, init ring
       "SHMR" | capacity:u64 + SCM_RIGHTS(fd)      ->  mmap the descriptor, close it
@@ -30,7 +30,7 @@ goodbye (crash, SIGKILL, ``abort()``) is reported as a TransportError.
 Waiting: before sleeping, each side spins for a bounded time (``spin_us``) when the other side
 is known to be mid-frame, because a wake-up through the socket and the event loop costs tens of
 microseconds while the next piece usually arrives sooner. Memory ordering: x86 only (see
-``aiocoll._shm_doorbell``); importing this module elsewhere raises ImportError, so ``auto``
+``aiocoll.sharedmem.doorbell``); importing this module elsewhere raises ImportError, so ``auto``
 falls back to tcp.
 
 Options (``TransportConfig.options``):
@@ -50,11 +50,11 @@ import struct
 from collections.abc import Callable, Collection
 from typing import Any, ClassVar, cast
 
-from aiocoll import _auth
-from aiocoll._errors import HandshakeError, TransportError
-from aiocoll._shm_doorbell import SLEEP_SLICE_S, SPIN_S, check_memory_model, fence, spin_until
-from aiocoll._shm_ring import FRAME_HEADER, Ring, RingError, check_capacity, padded, segment_size
-from aiocoll._shm_segment import create_anonymous, map_fd, sweep_stale
+from aiocoll.core import auth as _auth
+from aiocoll.core.errors import HandshakeError, TransportError
+from aiocoll.sharedmem.doorbell import SLEEP_SLICE_S, SPIN_S, check_memory_model, fence, spin_until
+from aiocoll.transports._shm_ring import FRAME_HEADER, Ring, RingError, check_capacity, padded, segment_size
+from aiocoll.sharedmem.segment import create_anonymous, map_fd, sweep_stale
 
 from ._base import MAX_FRAME, Buffer, Capabilities, FrameSink, TransportConfig
 
@@ -118,7 +118,7 @@ def _peer_creds(sock: socket.socket) -> tuple[int, int]:
 
 
 class _SockStream:
-    """The StreamReader/StreamWriter subset that ``aiocoll._auth`` uses, over a raw socket.
+    """The StreamReader/StreamWriter subset that ``aiocoll.core.auth`` uses, over a raw socket.
 
     asyncio's streams read ahead into a buffer; after the handshake this socket carries a
     descriptor in ancillary data, which a read-ahead would swallow. This reads exactly what the

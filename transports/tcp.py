@@ -1,6 +1,6 @@
 """``tcp``: frames over TCP (optionally TLS), received straight into the memory the sink picks.
 
-Every connection starts with the handshake of ``aiocoll._auth`` (purpose ``b"tcp"``; each side's
+Every connection starts with the handshake of ``aiocoll.core.auth`` (purpose ``b"tcp"``; each side's
 hello is ``!II`` rank, world_size, so both ends learn and check who is on the other side). Then
 the wire carries, in one direction only (see ``_base``)::
 
@@ -36,8 +36,8 @@ import struct
 import urllib.parse
 from typing import Any, ClassVar, cast
 
-from aiocoll import _auth
-from aiocoll._errors import HandshakeError, TransportError
+from aiocoll.core import auth as _auth
+from aiocoll.core.errors import HandshakeError, TransportError
 
 from ._base import KEY_SIZE, MAX_FRAME, Buffer, Capabilities, FrameSink, TransportConfig
 

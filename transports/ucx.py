@@ -2,7 +2,7 @@
 
 Each one-way connection (see ``_base``) has two channels::
 
-    control  TCP, initiator -> acceptor. It starts with the handshake of ``aiocoll._auth``
+    control  TCP, initiator -> acceptor. It starts with the handshake of ``aiocoll.core.auth``
              (purpose b"ucx", hello = !II rank, world_size), carries the wiring, the goodbye
              and aborts, and its end tells each side that the other is gone.
     data     a UCX endpoint from the initiator's worker to the acceptor's worker, made from the
@@ -69,8 +69,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
-from aiocoll import _auth
-from aiocoll._errors import HandshakeError, TransportError
+from aiocoll.core import auth as _auth
+from aiocoll.core.errors import HandshakeError, TransportError
 
 from ._base import KEY_SIZE, MAX_FRAME, Buffer, Capabilities, CudaBuffer, FrameSink, TransportConfig
 
@@ -495,7 +495,7 @@ class _Engine:
 
 
 class _SockStream:
-    """The StreamReader/StreamWriter subset ``aiocoll._auth`` uses, over a raw socket, reading
+    """The StreamReader/StreamWriter subset ``aiocoll.core.auth`` uses, over a raw socket, reading
     exactly what is asked (a stream's read-ahead would swallow bytes meant for later)."""
 
     def __init__(self, sock: socket.socket) -> None:

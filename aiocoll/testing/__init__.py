@@ -20,8 +20,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .._auth import new_secret
-from .._world import in_harness, init, leave
+from ..core.auth import new_secret
+from ..core.world import in_harness, init, leave
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ async def run_ranks(
     Raises:
         The exception of the lowest failing rank, unless ``return_exceptions``.
     """
-    from .._store import MemoryStore
+    from ..store.base import MemoryStore
 
     store = MemoryStore()
     if init_kwargs.get("secret") is None and not init_kwargs.get("insecure"):

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from aiocoll._errors import HandshakeError, TransportError
+from aiocoll.core.errors import HandshakeError, TransportError
 from aiocoll.transports import KEY_SIZE, Connection, Transport, TransportConfig, TransportFactory
 
 

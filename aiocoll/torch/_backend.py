@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future  # type: ignore[attr-defined]
 
-from aiocoll import _collectives as core
+from aiocoll.collectives import tensors as core
 from aiocoll import sync as _sync
-from aiocoll._group import ProcessGroup as AioGroup
-from aiocoll._ops import parse_op
+from aiocoll.groups.group import ProcessGroup as AioGroup
+from aiocoll.arrays.ops import parse_op
 
 BACKEND = "aiocoll"
 

@@ -50,7 +50,7 @@ def _result(t: torch.Tensor) -> torch.Tensor:
 def _op_name(reduce_op: Any) -> str:
     if isinstance(reduce_op, str):
         return reduce_op.lower()
-    from aiocoll._ops import parse_op
+    from aiocoll.arrays.ops import parse_op
 
     return parse_op(reduce_op).name.lower()
 

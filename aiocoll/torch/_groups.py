@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from aiocoll._errors import NotInitializedError
-from aiocoll._group import ProcessGroup
-from aiocoll._group_forms import parse_rank_lists, resolve_expanded, resolve_group
-from aiocoll._mesh import DeviceMesh
-from aiocoll._world import World, _current, current_world
+from aiocoll.core.errors import NotInitializedError
+from aiocoll.groups.group import ProcessGroup
+from aiocoll.groups.forms import parse_rank_lists, resolve_expanded, resolve_group
+from aiocoll.groups.mesh import DeviceMesh
+from aiocoll.core.world import World, _current, current_world
 
 _EXPANDED = "ranks:"
 

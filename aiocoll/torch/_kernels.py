@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
-from aiocoll import _collectives as core
-from aiocoll._group import ProcessGroup
-from aiocoll._ops import check_op_dtype, parse_op
-from aiocoll._torch_arrays import _check, _code_of
+from aiocoll.collectives import tensors as core
+from aiocoll.groups.group import ProcessGroup
+from aiocoll.arrays.ops import check_op_dtype, parse_op
+from aiocoll.arrays.tensors import _check, _code_of
 
 from ._groups import group_named
 from ._work import launch, wait_for

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from aiocoll import sync as _sync
-from aiocoll._world import World, current_world
+from aiocoll.core.world import World, current_world
 
 log = logging.getLogger("aiocoll")
 

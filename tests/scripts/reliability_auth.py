@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 import aiocoll
-from aiocoll._world import current_world
+from aiocoll.core.world import current_world
 
 
 async def main() -> None:

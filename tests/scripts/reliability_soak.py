@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 import aiocoll
-from aiocoll._world import current_world
+from aiocoll.core.world import current_world
 
 COUNT, SEED = int(sys.argv[1]), int(sys.argv[2])
 KINDS = ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce", "gather",

@@ -1,0 +1,1 @@
+"""What callers pass in (numpy arrays, torch tensors, buffers) and the arithmetic on it."""

@@ -1,0 +1,1 @@
+"""How a collective runs: message passing over the transports, or the same-host shared-memory engine."""

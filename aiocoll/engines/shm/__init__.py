@@ -1,0 +1,1 @@
+"""The same-host engine: collectives computed in a group's shared segment."""

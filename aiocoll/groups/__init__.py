@@ -1,0 +1,1 @@
+"""Process groups: how they are made, named, found and sliced from meshes."""

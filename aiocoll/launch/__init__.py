@@ -1,0 +1,1 @@
+"""Starting ranks: the aiocoll command, the local launcher, launchers' environments, the benchmark."""

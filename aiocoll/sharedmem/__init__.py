@@ -1,0 +1,1 @@
+"""Shared-memory primitives: segments passed by descriptor, memory fences, doorbells."""

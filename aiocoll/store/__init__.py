@@ -1,0 +1,1 @@
+"""The rendezvous store: how ranks find each other (addresses only, never tensors)."""
