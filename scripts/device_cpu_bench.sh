@@ -6,7 +6,8 @@
 #     bash scripts/device_cpu_bench.sh                 # 2, 4 and 8 ranks, 4 B .. 256 MiB
 #     NS="8" SIZES=64M,256M OPS=all_reduce,all_gather bash scripts/device_cpu_bench.sh
 # Needs python3 with numpy and torch (gloo), mpi4py and mpirun (Open MPI); uses the checkout
-# through PYTHONPATH, so nothing is installed. Everything goes to stdout.
+# installed into a scratch folder (no registry needed: no dependencies, no build isolation) and
+# put first on PYTHONPATH. Everything goes to stdout.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -15,7 +16,10 @@ SIZES=${SIZES:-4,64K,1M,16M,64M,256M}
 OPS=${OPS:-all_reduce}
 TARGET_S=${TARGET_S:-1}
 MPIRUN=${MPIRUN:-"mpirun --allow-run-as-root --oversubscribe --mca pml ob1 --mca btl self,vader"}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SITE=${SITE:-/tmp/aiocoll-site}
+$PY -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --upgrade --target "$SITE" . >/dev/null \
+    || { echo "# could not install the checkout into $SITE"; exit 1; }
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export GLOO_SOCKET_IFNAME=lo
 
 echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host $(hostname)  cores $(nproc)  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
