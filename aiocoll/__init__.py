@@ -56,6 +56,7 @@ from .groups.mesh import DeviceMesh, init_device_mesh
 from .core.loop import run
 from .collectives.objects import all_gather_object, broadcast_object
 from .arrays.ops import ReduceOp
+from .core.settings import Settings
 from .core.world import destroy, init, world
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ __all__ = [
     # starting and stopping
     "run",
     "init",
+    "Settings",
     "destroy",
     "world",
     # collectives

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aiocoll.collectives import tensors as _collectives
+from aiocoll.algorithms import composed
 from aiocoll.algorithms import Recv, Send, chunk_bounds, direct, dissemination, ring, tree
 from aiocoll.testing.simulate import Deadlock, ScheduleError, simulate
 
@@ -163,7 +163,7 @@ def test_scatter_allgather_broadcast_exact(n: int) -> None:
     count = _count(n)
     data = _inputs(1, count, seed=n)[0]
     bufs = [data.copy() if r == root else np.zeros(count, np.int64) for r in range(n)]
-    sim = simulate([_collectives._scatter_allgather(r, n, root, bufs[r]) for r in range(n)])
+    sim = simulate([composed.scatter_allgather_broadcast(r, n, root, bufs[r]) for r in range(n)])
     for r in range(n):
         np.testing.assert_array_equal(bufs[r], data)
     # the root sends each chunk once and joins the all-gather: about 2(n-1)/n of the payload
@@ -176,7 +176,7 @@ def test_rs_gather_reduce_exact(n: int) -> None:
     count = _count(n)
     xs = _inputs(n, count, seed=n + 400)
     outs = [x.copy() for x in xs]
-    simulate([_collectives._rs_gather(r, n, root, xs[r], outs[r], OPS["sum"][0]) for r in range(n)])
+    simulate([composed.reduce_scatter_gather_reduce(r, n, root, xs[r], outs[r], OPS["sum"][0]) for r in range(n)])
     np.testing.assert_array_equal(outs[root], np.stack(xs).sum(0))
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll.engines import select as _fastpath
 from aiocoll.testing import run_ranks
 
 from _reference import data
@@ -26,12 +25,8 @@ TRANSPORTS = ["inproc", "tcp", "shm"]
 
 @pytest.fixture(autouse=True)
 def _fastpath_on(monkeypatch):
+    # Settings are read at init: with the variable unset, every world here has the engine on.
     monkeypatch.delenv("AIOCOLL_SHM_FASTPATH", raising=False)
-    _fastpath.configure(enabled=True)
-    _fastpath.reload_settings()
-    yield
-    _fastpath.configure(enabled=None)
-    _fastpath.reload_settings()
 
 
 def _order(rank: int) -> str:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll.engines import select as _fastpath
 from aiocoll.testing import run_ranks
 
 from _reference import data
@@ -29,12 +28,8 @@ SIZES = [2, 3, 5]
 
 @pytest.fixture(autouse=True)
 def _fastpath_on(monkeypatch):
+    # Settings are read at init: with the variable unset, every world here has the engine on.
     monkeypatch.delenv("AIOCOLL_SHM_FASTPATH", raising=False)
-    _fastpath.configure(enabled=True)
-    _fastpath.reload_settings()
-    yield
-    _fastpath.configure(enabled=None)
-    _fastpath.reload_settings()
 
 
 def _x(rank: int, shape: tuple[int, ...] = (2, 3)) -> np.ndarray:

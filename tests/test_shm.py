@@ -254,11 +254,8 @@ async def test_no_descriptor_and_no_dev_shm_file_left_behind():
 
 async def test_collectives_over_shm_without_the_fast_path(monkeypatch):
     # The message path over shm links (all_to_all always takes it; here everything does).
-    monkeypatch.setenv("AIOCOLL_SHM_FASTPATH", "off")
-    from aiocoll.engines import select as _fastpath
-
-    _fastpath.reload_settings()
-    try:
+    monkeypatch.setenv("AIOCOLL_SHM_FASTPATH", "off")  # read by each world's init
+    if True:
 
         async def body(rank):
             x = np.arange(100_003, dtype=np.float64) * (rank + 1)
@@ -270,9 +267,6 @@ async def test_collectives_over_shm_without_the_fast_path(monkeypatch):
         for y, z in results:
             np.testing.assert_array_equal(y, np.arange(100_003, dtype=np.float64) * 6)
             np.testing.assert_array_equal(z[:, 0], [0, 1, 2])
-    finally:
-        monkeypatch.delenv("AIOCOLL_SHM_FASTPATH")
-        _fastpath.reload_settings()
 
 
 def _conformance_checks() -> list:

@@ -28,10 +28,6 @@ def _small_parts(monkeypatch):
     monkeypatch.setenv("AIOCOLL_SHM_DIRECT_MAX", "256")
     monkeypatch.delenv("AIOCOLL_SHM_FASTPATH", raising=False)
     monkeypatch.delenv("AIOCOLL_SHM_THREAD_MIN", raising=False)
-    _fastpath.reload_settings()
-    yield
-    _fastpath.configure(enabled=None)
-    _fastpath.reload_settings()
 
 
 async def shm_ranks(body, world_size, **kwargs):
@@ -40,7 +36,8 @@ async def shm_ranks(body, world_size, **kwargs):
 
 def engine_of(group=None) -> ShmEngine | None:
     g = group if group is not None else aiocoll.world()
-    return _fastpath.fastpath_for(g, "all_reduce", 1 << 20)
+    engine = _fastpath.engine_for(g, "all_reduce", 1 << 20)
+    return engine if isinstance(engine, ShmEngine) else None
 
 
 VALID = [(d, op) for d in DTYPES for op in OPS if op_valid(op, d)]
@@ -196,21 +193,20 @@ async def test_worker_thread_driver_gives_the_same_results(monkeypatch):
         np.testing.assert_array_equal(bc, inputs[2])
 
 
-async def test_the_fast_path_can_be_turned_off_and_sized():
-    async def body(rank):
-        assert engine_of() is not None
-        _fastpath.configure(enabled=False)
-        off = _fastpath.fastpath_for(aiocoll.world(), "all_reduce", 1 << 20)
-        _fastpath.configure(enabled=True, min_bytes={"all_reduce": 1024})
-        small = _fastpath.fastpath_for(aiocoll.world(), "all_reduce", 1000)
-        big = _fastpath.fastpath_for(aiocoll.world(), "all_reduce", 1024)
-        _fastpath.configure(enabled=None, min_bytes={"all_reduce": -1})
-        return off, small, big
+async def test_the_engine_can_be_turned_off_and_sized_per_world(monkeypatch):
+    async def engines(rank):
+        w = aiocoll.world()
+        return [type(_fastpath.engine_for(w, "all_reduce", n)).__name__ for n in (1000, 1024)]
 
-    for off, small, big in await shm_ranks(body, 2):
-        assert off is None and small is None and isinstance(big, ShmEngine)
-    with pytest.raises(ValueError, match="no fast path"):
-        _fastpath.configure(min_bytes={"all_to_all": 1})
+    assert await shm_ranks(engines, 2) == [["ShmEngine", "ShmEngine"]] * 2
+    off = aiocoll.Settings(shm_engine=False)
+    assert await shm_ranks(engines, 2, settings=off) == [["MessageEngine", "MessageEngine"]] * 2
+    sized = aiocoll.Settings(shm_engine_min_bytes={"all_reduce": 1024})
+    assert await shm_ranks(engines, 2, settings=sized) == [["MessageEngine", "ShmEngine"]] * 2
+    monkeypatch.setenv("AIOCOLL_SHM_FASTPATH_MIN_ALL_REDUCE", "1024")  # the same, from the environment
+    assert await shm_ranks(engines, 2) == [["MessageEngine", "ShmEngine"]] * 2
+    with pytest.raises(ValueError, match="runs no 'all_to_all'"):
+        aiocoll.Settings(shm_engine_min_bytes={"all_to_all": 1})
 
 
 async def test_no_fast_path_over_inproc_links():
@@ -357,8 +353,8 @@ async def test_auto_links_ranks_of_one_host_by_shm_and_the_rest_by_tcp(monkeypat
     async def body(rank):
         links = dict(current_world().transport_names)
         pair = aiocoll.new_group([0, 1])
-        whole = _fastpath.fastpath_for(aiocoll.world(), "all_reduce", 1 << 20)
-        sub = _fastpath.fastpath_for(pair, "all_reduce", 1 << 20) if rank < 2 else None
+        whole = engine_of()
+        sub = engine_of(pair) if rank < 2 else None
         y = await aiocoll.all_reduce(np.full(5000, rank, np.int64))  # mixed links, message path
         z = await aiocoll.all_reduce(np.full(5000, rank, np.int64), group=pair) if rank < 2 else None
         return links, whole, sub, y, z

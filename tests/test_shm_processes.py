@@ -47,7 +47,8 @@ FASTPATH_SCRIPT = textwrap.dedent(
     import asyncio, os, threading
     import numpy as np
     import aiocoll
-    from aiocoll import _fastpath
+    from aiocoll.engines import select as _fastpath
+    from aiocoll.engines.shm.engine import ShmEngine
     from _reference import assert_reduced, data, reduce_ref
 
     def fds():
@@ -64,7 +65,7 @@ FASTPATH_SCRIPT = textwrap.dedent(
         before = fds()
         async with aiocoll.init() as world:
             rank, size = world.rank, world.size
-            assert _fastpath.fastpath_for(world, "all_reduce", 1 << 20) is not None, "no fast path"
+            assert isinstance(_fastpath.engine_for(world, "all_reduce", 1 << 20), ShmEngine), "no shm engine"
             checks = 0
             # direct (small), one pipelined round, many rounds (default 256/128 KiB parts), uneven
             for dtype, op in [(np.float32, "sum"), (np.int64, "max"), (np.float64, "avg"), (np.uint8, "bxor"),
@@ -199,7 +200,7 @@ SETUP_KILL_SCRIPT = textwrap.dedent(
     import asyncio, os, signal, sys
     import numpy as np
     import aiocoll
-    from aiocoll import _shm_engine
+    from aiocoll.engines.shm import engine as _shm_engine
     from aiocoll.core.world import current_world
 
     def fds():

@@ -53,11 +53,15 @@ class Capabilities:
     cuda_memory: moves payloads that live in CUDA device memory without staging through the host.
     same_host_only: reaches only ranks on this host (shared memory); ``auto`` falls back to
         another transport for remote peers.
+    shared_segments: passes memory descriptors between its peers (``send_fd(peer, fd)``,
+        ``take_fds(match)``) and has the lifetime hook ``on_close``: a same-host engine may then
+        compute in segments shared over it (``aiocoll.engines.shm``).
     """
 
     host_memory: bool = True
     cuda_memory: bool = False
     same_host_only: bool = False
+    shared_segments: bool = False
 
 
 @dataclass
@@ -187,6 +191,9 @@ class Transport(Protocol):
         """Drop every connection and the listener at once."""
         ...
 
+    # Optional: ``on_close(fn) -> forget``, the lifetime hook: ``fn(abort)`` runs when the
+    # transport closes or aborts, before its links go; ``forget()`` takes it back. Engines that
+    # hold resources tied to the transport's links end with it this way.
     # Optional: ``inbound_peers() -> set[int]``, the ranks that have connected to this one. A
     # rank leaving after a failure waits (bounded) until every live peer has, so that a peer
     # still in ``init`` can finish it. A transport without it is taken as fully connected.

@@ -524,7 +524,9 @@ class ShmTransport:
     """Transport between ranks of one host through shared-memory rings."""
 
     name: ClassVar[str] = "shm"
-    capabilities: ClassVar[Capabilities] = Capabilities(host_memory=True, cuda_memory=False, same_host_only=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        host_memory=True, cuda_memory=False, same_host_only=True, shared_segments=True
+    )
 
     def __init__(self, config: TransportConfig) -> None:
         self.rank = config.rank
@@ -549,9 +551,7 @@ class ShmTransport:
         self._fds: list[tuple[int, int]] = []  # (peer, descriptor) received, not yet claimed
         self._admitted: set[int] = set()  # peers whose link to us is set up
         self._closed = False
-        #: Called with ``abort`` when this transport closes; same-host fast paths put their
-        #: engines here so that their segments, doorbells and threads end with the links.
-        self.closers: list[Callable[[bool], None]] = []
+        self._closers: list[Callable[[bool], None]] = []  # see on_close
 
     @property
     def address(self) -> str:
@@ -808,8 +808,20 @@ class ShmTransport:
         if self._listener is not None:
             self._listener.close()
 
+    def on_close(self, fn: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``fn(abort)`` when this transport closes (first thing, before its links go);
+        returns a function that takes the call back. Engines that compute in segments passed
+        over this transport end with it this way (the Transport protocol's lifetime hook)."""
+        self._closers.append(fn)
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):  # already run: the transport closed
+                self._closers.remove(fn)
+
+        return forget
+
     def _run_closers(self, abort: bool) -> None:
-        closers, self.closers = self.closers, []
+        closers, self._closers = self._closers, []
         for fn in closers:
             try:
                 fn(abort)

@@ -20,10 +20,10 @@ import numpy as np
 from .. import algorithms
 from .codec import decode, encode
 from .tensors import Started, _group, _root, _timeout, _Turn
-from ..engines.messages import run_schedule
+from ..engines.plan import Plan
 from ..groups.group import ProcessGroup
 from ..arrays.dtypes import WireDtype
-from ..core.wire import NO_CALL, Call, Kind
+from ..core.wire import Call, Kind
 from ..algorithms import Recv, Schedule, Send, tree
 
 _SAFE = b"S"
@@ -101,10 +101,9 @@ def _all_gather_object_start(obj: Any, group: Any, allow_pickle: bool, timeout: 
     async def run() -> list[Any]:
         got: list[Array] = [data]
         if g.size > 1:
-            await run_schedule(
-                g, "all_gather_object", Kind.ALL_GATHER_OBJECT, _gather_schedule(g.rank, g.size, data, got),
-                seq=turn.seq, dtype=WireDtype.BYTES, call=NO_CALL, timeout=t,
-            )
+            plan = Plan("all_gather_object", Kind.ALL_GATHER_OBJECT, turn.seq, t, dtype=WireDtype.BYTES,
+                        schedule=lambda rank, size: _gather_schedule(rank, size, data, got))
+            await turn.engine.run(g, plan, turn.ticket)
         return [_loads(b, allow_pickle) for b in got]
 
     return Started(run(), turn)
@@ -143,10 +142,9 @@ def _broadcast_payload_start(g: ProcessGroup, root: int, data: Array | None, t: 
     async def run() -> Array:
         got: list[Array] = []
         if g.size > 1:
-            await run_schedule(
-                g, "broadcast_object", Kind.BROADCAST_OBJECT, _broadcast_schedule(g.rank, g.size, root, data, got),
-                seq=turn.seq, dtype=WireDtype.BYTES, call=Call(("src", root)), agree=True, timeout=t,
-            )
+            plan = Plan("broadcast_object", Kind.BROADCAST_OBJECT, turn.seq, t, Call(("src", root)), WireDtype.BYTES,
+                        agree=True, schedule=lambda rank, size: _broadcast_schedule(rank, size, root, data, got))
+            await turn.engine.run(g, plan, turn.ticket)
         else:
             assert data is not None
             got.append(data)

@@ -31,25 +31,22 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from .. import algorithms
 from ..arrays.payload import Array, Payload, as_output, as_payload
-from ..engines.messages import OFFLOAD_BYTES, run_p2p, run_schedule
+from ..engines.messages import MESSAGES, OFFLOAD_BYTES, run_p2p
+from ..engines.plan import Engine, Plan
 from ..arrays.dtypes import WireDtype
-from ..engines.select import fastpath_for
+from ..engines.select import engine_for
 from ..groups.group import ProcessGroup
 from ..groups.forms import resolve_group
 from ..arrays.ops import ReduceOp, check_op_dtype, finish_avg, parse_op, reduce_into
 from ..core.timeouts import seconds
-from ..core.wire import NO_CALL, Call, Kind
+from ..core.wire import Call, Kind
 from ..core.world import current_world
-from ..algorithms import direct, dissemination, ring, tree
-
-if TYPE_CHECKING:
-    from ..engines.shm.engine import ShmEngine
+from ..algorithms import direct, dissemination
 
 T = TypeVar("T")
 
@@ -123,23 +120,19 @@ def _dim_first(a: Array, dim: int) -> Array:
 
 # --------------------------------------------------------------------------- claiming a place
 class _Turn:
-    """A collective's place in its group's order: sequence number and, when it runs on the
-    shared-memory engine, its turn there (see ``ShmEngine.reserve``)."""
+    """A collective's place in its group's order: its sequence number, the engine that runs it
+    (``aiocoll.engines.select``: chosen here, in one place) and its turn on that engine."""
 
     __slots__ = ("seq", "engine", "ticket")
 
     def __init__(self, g: ProcessGroup, collective: str | None = None, nbytes: int = 0) -> None:
-        # The engine first: a malformed setting raises before anything is claimed.
-        self.engine: ShmEngine | None = (
-            fastpath_for(g, collective, nbytes) if collective is not None and g.size > 1 else None
-        )
+        self.engine: Engine = engine_for(g, collective, nbytes) if g.size > 1 else MESSAGES
         self.seq = g.next_seq()
-        self.ticket = self.engine.reserve() if self.engine is not None else -1
+        self.ticket = self.engine.reserve()
 
     def give_back(self) -> None:
         """The engine turn, if the collective never got to use it (no-op otherwise)."""
-        if self.engine is not None:
-            self.engine.abandon(self.ticket)
+        self.engine.abandon(self.ticket)
 
 
 class Started(Generic[T]):
@@ -240,21 +233,10 @@ async def _all_reduce_into(
 ) -> None:
     if g.size == 1:
         out[...] = x
-    elif turn.engine is not None:
-        await turn.engine.all_reduce(g, turn.seq, rop, p.code, x, out, t, ticket=turn.ticket, call=call)
     else:
-        algo = algorithms.choose("all_reduce", x.nbytes, g.size)
-        reduce = _reducer(rop, p)
-        if algo == "direct":
-            sched = direct.direct_all_reduce(g.rank, g.size, x, out, reduce)
-        elif algo == "rsag":
-            sched = direct.rsag_all_reduce(g.rank, g.size, x, out, reduce)
-        else:
-            sched = ring.ring_all_reduce(g.rank, g.size, x, out, reduce)
-        await run_schedule(
-            g, name, kind, sched, seq=turn.seq, op=rop, dtype=p.code, count=x.size, call=call, timeout=t,
-            offload=x.nbytes >= OFFLOAD_BYTES,
-        )
+        plan = Plan("all_reduce", kind, turn.seq, t, call, p.code, x.size, rop, x=x, out=out, reduce=_reducer(rop, p),
+                    offload=x.nbytes >= OFFLOAD_BYTES, name=name)
+        await turn.engine.run(g, plan, turn.ticket)
     if rop == ReduceOp.AVG:
         finish_avg(p.code, out, g.size)
 
@@ -288,17 +270,9 @@ def _all_gather_start(x: Any, group: Any, dim: int, timeout: float | None) -> St
         nonlocal gathered
         if g.size == 1:
             flat_out[...] = flat_in
-        elif turn.engine is not None:
-            await turn.engine.all_gather(g, turn.seq, p.code, flat_in, flat_out, t, ticket=turn.ticket, call=call)
         else:
-            if algorithms.choose("all_gather", flat_in.nbytes, g.size) == "direct":
-                sched = direct.direct_all_gather(g.rank, g.size, flat_in, flat_out)
-            else:
-                sched = ring.ring_all_gather(g.rank, g.size, flat_in, flat_out)
-            await run_schedule(
-                g, "all_gather", Kind.ALL_GATHER, sched, seq=turn.seq, dtype=p.code, count=flat_in.size, call=call,
-                timeout=t,
-            )
+            plan = Plan("all_gather", Kind.ALL_GATHER, turn.seq, t, call, p.code, flat_in.size, x=flat_in, out=flat_out)
+            await turn.engine.run(g, plan, turn.ticket)
         if d and p.array.ndim:
             gathered = np.ascontiguousarray(np.moveaxis(gathered, 0, d))
         return p.wrap(gathered)
@@ -348,18 +322,10 @@ async def _reduce_scatter_run(
     flat_in, flat_out = _flat(src), _flat(chunk)
     if g.size == 1:
         flat_out[...] = flat_in
-    elif turn.engine is not None:
-        await turn.engine.reduce_scatter(g, turn.seq, rop, p.code, flat_in, flat_out, t, ticket=turn.ticket, call=call)
     else:
-        reduce = _reducer(rop, p)
-        if algorithms.choose("reduce_scatter", flat_in.nbytes, g.size) == "direct":
-            sched = direct.direct_reduce_scatter(g.rank, g.size, flat_in, flat_out, reduce)
-        else:
-            sched = ring.ring_reduce_scatter(g.rank, g.size, flat_in, flat_out, reduce)
-        await run_schedule(
-            g, "reduce_scatter", Kind.REDUCE_SCATTER, sched, seq=turn.seq, op=rop, dtype=p.code, count=flat_in.size,
-            call=call, timeout=t, offload=flat_in.nbytes >= OFFLOAD_BYTES,
-        )
+        plan = Plan("reduce_scatter", Kind.REDUCE_SCATTER, turn.seq, t, call, p.code, flat_in.size, rop, x=flat_in,
+                    out=flat_out, reduce=_reducer(rop, p), offload=flat_in.nbytes >= OFFLOAD_BYTES)
+        await turn.engine.run(g, plan, turn.ticket)
     if rop == ReduceOp.AVG:
         finish_avg(p.code, flat_out, g.size)
     if d:
@@ -436,11 +402,9 @@ def _all_to_all_start(
     call = Call(("row shape", tuple(int(n) for n in tail)))
 
     async def run() -> Any:
-        sched = direct.all_to_all(g.rank, g.size, blocks_in, blocks_out)
-        await run_schedule(
-            g, "all_to_all", Kind.ALL_TO_ALL, sched, seq=turn.seq, dtype=p.code, count=row, check_count=True,
-            call=call, timeout=t,
-        )
+        plan = Plan("all_to_all", Kind.ALL_TO_ALL, turn.seq, t, call, p.code, row,
+                    schedule=lambda rank, size: direct.all_to_all(rank, size, blocks_in, blocks_out))
+        await turn.engine.run(g, plan, turn.ticket)
         return p.wrap(result)
 
     return Started(run(), turn)
@@ -468,31 +432,13 @@ def _broadcast_start(x: Any, src: int, group: Any, timeout: float | None) -> Sta
     call = Call(("src", root), ("shape", _shape(p.array)))
 
     async def run() -> Any:
-        if g.size > 1 and turn.engine is not None:
-            await turn.engine.broadcast(g, turn.seq, root, p.code, buf, t, ticket=turn.ticket, call=call)
-        elif g.size > 1:
-            if algorithms.choose("broadcast", buf.nbytes, g.size) == "tree":
-                sched = tree.binomial_broadcast(g.rank, g.size, root, buf)
-            else:
-                sched = _scatter_allgather(g.rank, g.size, root, buf)
-            await run_schedule(
-                g, "broadcast", Kind.BROADCAST, sched, seq=turn.seq, dtype=p.code,
-                count=buf.size, call=call, agree=True, timeout=t,
-            )
+        if g.size > 1:
+            plan = Plan("broadcast", Kind.BROADCAST, turn.seq, t, call, p.code, buf.size, root=root, x=buf, out=buf,
+                        agree=True)
+            await turn.engine.run(g, plan, turn.ticket)
         return p.wrap(result)
 
     return Started(run(), turn)
-
-
-def _scatter_allgather(rank: int, size: int, root: int, buf: Array) -> algorithms.Schedule:
-    """Large broadcast: root sends chunk p to p, then everyone all-gathers the chunks."""
-    bounds = algorithms.chunk_bounds(buf.shape[0], size)
-    lo, hi = bounds[rank]
-    if rank == root:
-        yield [algorithms.Send(p, buf[a:b]) for p, (a, b) in enumerate(bounds) if p != root]
-    else:
-        yield [algorithms.Recv(root, buf[lo:hi])]
-    yield from direct.direct_all_gather_chunks(rank, size, buf, bounds)
 
 
 async def reduce(
@@ -521,15 +467,9 @@ def _reduce_start(x: Any, dst: int, op: Any, group: Any, timeout: float | None) 
 
     async def run() -> Any:
         if g.size > 1:
-            reduce_fn = _reducer(rop, p)
-            if algorithms.choose("reduce", buf.nbytes, g.size) == "tree":
-                sched = tree.binomial_reduce(g.rank, g.size, root, buf, reduce_fn)
-            else:
-                sched = _rs_gather(g.rank, g.size, root, _flat(p.array), buf, reduce_fn)
-            await run_schedule(
-                g, "reduce", Kind.REDUCE, sched, seq=turn.seq, op=rop, dtype=p.code,
-                count=buf.size, call=call, agree=True, timeout=t, offload=buf.nbytes >= OFFLOAD_BYTES,
-            )
+            plan = Plan("reduce", Kind.REDUCE, turn.seq, t, call, p.code, buf.size, rop, root=root, x=_flat(p.array),
+                        out=buf, reduce=_reducer(rop, p), agree=True, offload=buf.nbytes >= OFFLOAD_BYTES)
+            await turn.engine.run(g, plan, turn.ticket)
         if g.rank != root:
             return p.wrap(p.array.copy())
         if rop == ReduceOp.AVG:
@@ -537,17 +477,6 @@ def _reduce_start(x: Any, dst: int, op: Any, group: Any, timeout: float | None) 
         return p.wrap(acc)
 
     return Started(run(), turn)
-
-
-def _rs_gather(rank: int, size: int, root: int, x: Array, out: Array, reduce_fn: Any) -> algorithms.Schedule:
-    """Large reduce: reduce-scatter (rank r owns chunk r), then the chunks go to root."""
-    bounds = algorithms.chunk_bounds(x.shape[0], size)
-    lo, hi = bounds[rank]
-    yield from direct.direct_reduce_scatter_chunks(rank, size, x, out[lo:hi], bounds, reduce_fn)
-    if rank == root:
-        yield [algorithms.Recv(p, out[a:b]) for p, (a, b) in enumerate(bounds) if p != root]
-    else:
-        yield [algorithms.Send(root, out[lo:hi])]
 
 
 # --------------------------------------------------------------------------- gather / scatter
@@ -575,15 +504,13 @@ def _gather_start(x: Any, dst: int, group: Any, dim: int, timeout: float | None)
 
     async def run() -> Any:
         nonlocal gathered
-        sched = direct.gather(g.rank, g.size, root, flat_in, None if gathered is None else _flat(gathered))
+        flat_out = None if gathered is None else _flat(gathered)
         if g.size > 1:
-            await run_schedule(
-                g, "gather", Kind.GATHER, sched, seq=turn.seq, dtype=p.code,
-                count=flat_in.size, call=call, agree=True, timeout=t,
-            )
-        else:
-            for _ in sched:
-                pass
+            plan = Plan("gather", Kind.GATHER, turn.seq, t, call, p.code, flat_in.size, agree=True,
+                        schedule=lambda rank, size: direct.gather(rank, size, root, flat_in, flat_out))
+            await turn.engine.run(g, plan, turn.ticket)
+        elif flat_out is not None:
+            flat_out[...] = flat_in
         if gathered is None:
             return None
         if d and p.array.ndim:
@@ -625,15 +552,13 @@ def _scatter_start(x: Any, src: int, group: Any, dim: int, timeout: float | None
 
     async def run() -> Any:
         nonlocal chunk
-        sched = direct.scatter(g.rank, g.size, root, None if full is None else _flat(full), _flat(chunk))
+        flat_full, flat_chunk = None if full is None else _flat(full), _flat(chunk)
         if g.size > 1:
-            await run_schedule(
-                g, "scatter", Kind.SCATTER, sched, seq=turn.seq, dtype=p.code,
-                count=p.array.size, check_count=False, call=call, agree=True, timeout=t,
-            )
-        else:
-            for _ in sched:
-                pass
+            plan = Plan("scatter", Kind.SCATTER, turn.seq, t, call, p.code, p.array.size, agree=True, check_count=False,
+                        schedule=lambda rank, size: direct.scatter(rank, size, root, flat_full, flat_chunk))
+            await turn.engine.run(g, plan, turn.ticket)
+        elif flat_full is not None:
+            flat_chunk[...] = flat_full
         if d:
             chunk = np.ascontiguousarray(np.moveaxis(chunk, 0, d))
         return p.wrap(chunk)
@@ -658,8 +583,8 @@ def _barrier_start(group: Any, timeout: float | None) -> Started[None]:
 
     async def run() -> None:
         if g.size > 1:
-            sched = dissemination.dissemination_barrier(g.rank, g.size)
-            await run_schedule(g, "barrier", Kind.BARRIER, sched, seq=turn.seq, call=NO_CALL, timeout=t)
+            plan = Plan("barrier", Kind.BARRIER, turn.seq, t, schedule=dissemination.dissemination_barrier)
+            await turn.engine.run(g, plan, turn.ticket)
 
     return Started(run(), turn)
 
@@ -743,15 +668,13 @@ def _permute_start(x: Any, src_dst: Sequence[int], group: Any, timeout: float | 
     call = Call(("src_dst", perm), ("shape", _shape(p.array)))
 
     async def run() -> Any:
-        sched = direct.permute(g.rank, dst, src, _flat(p.array), _flat(result))
+        flat_in, flat_out = _flat(p.array), _flat(result)
         if g.size > 1:
-            await run_schedule(
-                g, "permute", Kind.PERMUTE, sched, seq=turn.seq, dtype=p.code,
-                count=p.array.size, call=call, agree=True, timeout=t,
-            )
+            plan = Plan("permute", Kind.PERMUTE, turn.seq, t, call, p.code, p.array.size, agree=True,
+                        schedule=lambda rank, size: direct.permute(rank, dst, src, flat_in, flat_out))
+            await turn.engine.run(g, plan, turn.ticket)
         else:
-            for _ in sched:
-                pass
+            flat_out[...] = flat_in
         return p.wrap(result)
 
     return Started(run(), turn)
@@ -837,11 +760,9 @@ def _all_gather_coalesced_start(xs: Sequence[Any], group: Any, timeout: float | 
         if g.size == 1:
             gathered[...] = packed
         else:
-            sched = direct.direct_all_gather(g.rank, g.size, packed, gathered)
-            await run_schedule(
-                g, "all_gather_coalesced", Kind.ALL_GATHER, sched, seq=turn.seq, dtype=WireDtype.BYTES, count=n,
-                call=call, timeout=t,
-            )
+            plan = Plan("all_gather_coalesced", Kind.ALL_GATHER, turn.seq, t, call, WireDtype.BYTES, n,
+                        schedule=lambda rank, size: direct.direct_all_gather(rank, size, packed, gathered))
+            await turn.engine.run(g, plan, turn.ticket)
         results = []
         offset = 0
         for p, a in zip(payloads, parts):

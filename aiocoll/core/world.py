@@ -24,6 +24,7 @@ from .comm import Communicator
 from .errors import NotInitializedError, StoreError
 from ..groups.group import ProcessGroup, group_id
 from ..groups.registry import GroupRegistry
+from .settings import Settings
 from .timeouts import seconds
 from ..transports import Transport, TransportConfig, get_transport
 
@@ -49,11 +50,18 @@ def host_key() -> str:
 class World:
     """Everything one rank holds: communicator, store, world group and group registry."""
 
-    def __init__(self, rank: int, world_size: int, comm: Communicator, *, timeout: float) -> None:
+    def __init__(
+        self, rank: int, world_size: int, comm: Communicator, *, timeout: float, settings: Settings | None = None
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.comm = comm
         self.timeout = timeout
+        #: How this world runs its collectives (read once, at init).
+        self.settings = settings if settings is not None else Settings()
+        #: Whether other ranks of this world run in this very process (aiocoll.testing): then
+        #: nothing may spin waiting for them, since they need this process's time to answer.
+        self.shares_process = in_harness.get()
         self.store: Any = None
         self.owns_store = False
         self.transport_names: dict[int, str] = {}
@@ -114,6 +122,7 @@ async def _start(
     ssl_client: _ssl.SSLContext | None,
     transport_options: Mapping[str, Any] | None,
     insecure: bool,
+    settings: Settings | None = None,
 ) -> World:
     from ..launch.env import read_insecure, read_launch_env, read_timeout
 
@@ -131,6 +140,10 @@ async def _start(
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
     timeout = seconds(timeout) if timeout is not None else (read_timeout() or DEFAULT_TIMEOUT)
+    if settings is None:
+        settings = Settings.from_env()
+    elif not isinstance(settings, Settings):
+        raise TypeError(f"settings must be an aiocoll.Settings, got {type(settings).__name__}")
     transport = transport or os.environ.get("AIOCOLL_TRANSPORT") or "auto"
     if secret is None:
         secret = os.environ.get("AIOCOLL_SECRET") or (env.secret if env is not None else None)
@@ -139,7 +152,7 @@ async def _start(
         store = os.environ.get("AIOCOLL_STORE") or (env.store if env is not None else None)
 
     comm = Communicator(rank, world_size)
-    w = World(rank, world_size, comm, timeout=timeout)
+    w = World(rank, world_size, comm, timeout=timeout, settings=settings)
     if world_size == 1 and store is None:
         return w
     if store is None:
@@ -303,6 +316,7 @@ def init(
     ssl_client: _ssl.SSLContext | None = None,
     transport_options: Mapping[str, Any] | None = None,
     insecure: bool = False,
+    settings: Settings | None = None,
 ) -> _Init:
     """Join the world: ``pg = await aiocoll.init(...)`` or ``async with aiocoll.init(...) as pg``.
 
@@ -326,6 +340,9 @@ def init(
         secret: shared secret that authenticates the store and every connection.
         insecure: start without a shared secret (see above).
         host: address to listen on and advertise (default 127.0.0.1, or ``AIOCOLL_HOST``).
+        settings: how this world runs its collectives (algorithms, the shared-memory engine);
+            default ``Settings.from_env()``, the ``AIOCOLL_*`` variables. See
+            ``aiocoll.Settings``.
         ssl / ssl_client: TLS contexts for TCP between hosts.
 
     Raises:
@@ -345,6 +362,7 @@ def init(
         ssl=ssl,
         ssl_client=ssl_client,
         transport_options=transport_options,
+        settings=settings,
     )
 
 

@@ -1,4 +1,4 @@
-"""Runs sans-IO schedules (aiocoll.algorithms) over the communicator: the async driver.
+"""The message-passing engine: runs sans-IO schedules (aiocoll.algorithms) over the communicator.
 
 For each batch a schedule yields, the driver posts every receive first (so that frames land
 straight in their buffers), starts every send, and waits for all of them or for the
@@ -18,14 +18,18 @@ background (tracked by the communicator), keeping every connection's framing int
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import algorithms
+from ..algorithms import Recv, Schedule, Send
 from ..core.comm import ActiveOp, Communicator
 from ..core.errors import CollectiveError, CollectiveTimeoutError
-from ..groups.group import ProcessGroup
-from ..core.wire import FLAG_P2P, NO_CALL, Call, FrameKey, Kind
-from ..algorithms import Recv, Schedule, Send
+from ..core.wire import FLAG_P2P, FrameKey, Kind
+from . import scope
+
+if TYPE_CHECKING:
+    from ..groups.group import ProcessGroup
+    from .plan import Plan
 
 #: Payloads at least this large have their local work (reductions, copies) run off the loop.
 OFFLOAD_BYTES = 1 << 20
@@ -67,63 +71,48 @@ async def _wait(comm: Communicator, active: ActiveOp, waiters: list[asyncio.Futu
         raise active.error(type(exc), exc.detail, exc.ranks) from exc
 
 
-#: A collective tells the other members it is still waiting this long before its timeout
-#: (at most; a quarter of the timeout when that is shorter). Members that have not said so by
-#: the timeout are the ones named: see Communicator.announce_waiting.
-WAITING_LEAD_S = 1.0
+class MessageEngine:
+    """Message passing: a plan runs as an algorithm's schedule over the communicator's links.
+
+    One instance serves every group (it keeps no state: the order of collectives is their
+    sequence numbers, carried in every frame), so ``reserve``/``abandon`` have nothing to do.
+    """
+
+    def reserve(self) -> int:
+        return -1
+
+    def abandon(self, ticket: int) -> None:
+        pass
+
+    async def run(self, group: ProcessGroup, plan: Plan, ticket: int = -1) -> None:
+        """Run ``plan``: its own schedule, or the one the algorithm table picks.
+
+        Raises:
+            CollectiveError, asyncio.CancelledError: as ``run_schedule``.
+        """
+        if plan.schedule is not None:
+            schedule = plan.schedule(group.rank, group.size)
+        else:
+            assert plan.x is not None and plan.out is not None
+            schedule = algorithms.select(
+                plan.collective, group.rank, group.size, x=plan.x, out=plan.out, root=plan.root, reduce=plan.reduce,
+                chosen=group.world.settings.algorithms,
+            )
+        await run_schedule(group, plan, schedule)
 
 
-def _announce_later(comm: Communicator, active: ActiveOp, timeout: float | None) -> asyncio.TimerHandle | None:
-    if timeout is None or len(active.members) < 3:
-        return None  # with two members, the one we wait for is the one to name
-    lead = min(WAITING_LEAD_S, timeout / 4)
-    return asyncio.get_running_loop().call_later(timeout - lead, comm.announce_waiting, active)
+#: The message-passing engine (stateless: one for every group).
+MESSAGES = MessageEngine()
 
 
-def _timeout_error(
-    group: ProcessGroup, active: ActiveOp, name: str, timeout: float | None, sending: Iterable[int] = ()
-) -> CollectiveTimeoutError:
-    comm = group.world.comm
-    waiting = {p.peer for p in active.posted} | set(sending)
-    silent = comm.silent_members(active, timeout or 0.0)
-    # Name the ranks we wait for that did not say they were waiting themselves; if every one
-    # we wait for did (a ring: our neighbour waits for its own), the ranks nobody heard from.
-    blame = (waiting & silent) or silent or waiting
-    who = f"; still waiting for ranks {sorted(waiting)}" if waiting else ""
-    if blame != waiting:
-        who += f"; not heard from ranks {sorted(blame)}"
-    return CollectiveTimeoutError(
-        f"{name} did not complete within {timeout} s{who}",
-        group=group.name,
-        seq=active.seq,
-        op=name,
-        ranks=blame,
-    )
+async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> None:
+    """Run ``schedule`` as this member's part of ``plan`` (collective number ``plan.seq``).
 
-
-async def run_schedule(
-    group: ProcessGroup,
-    name: str,
-    kind: Kind,
-    schedule: Schedule,
-    *,
-    seq: int,
-    op: int = 0,
-    dtype: int = 0,
-    count: int = 0,
-    check_count: bool = True,
-    call: Call = NO_CALL,
-    agree: bool = False,
-    timeout: float | None,
-    offload: bool = False,
-) -> None:
-    """Run ``schedule`` as collective number ``seq`` of ``group``.
-
-    ``call``: what the members must agree on besides kind, op, dtype and count (its digest goes
-    in every frame). ``agree``: also exchange empty frames with every member alongside
+    ``plan.call``: what the members must agree on besides kind, op, dtype and count (its digest
+    goes in every frame). ``plan.agree``: also exchange empty frames with every member alongside
     (Communicator.agree), for schedules in which some members only send or only receive: the
     collective finishes nowhere before every member has seen that all called the same.
-    ``offload``: run the schedule's local work on a worker thread (for large payloads).
+    ``plan.offload``: run the schedule's local work on a worker thread (for large payloads).
 
     Raises:
         CollectiveError: on timeout, peer failure, mismatch or a remote abort (the subclass says
@@ -132,17 +121,17 @@ async def run_schedule(
     """
     comm = group.world.comm
     ranks = group.ranks
-    active = comm.begin(group.name, group.gid, seq, name, frozenset(ranks))
-    digest = call.digest
-    comm.expect(active, FrameKey(group.gid, seq, 0, kind, op, dtype, 0, count, digest), call,
-                check_count=check_count, timeout=timeout)
-    agreed = comm.agree(active, ranks, group.rank) if agree else None
+    seq, kind, op, dtype, count = plan.seq, int(plan.kind), int(plan.op), int(plan.dtype), plan.count
+    check_count, timeout, offload = plan.check_count, plan.timeout, plan.offload
+    active = scope.begin(group, plan)
+    digest = plan.call.digest
+    agreed = comm.agree(active, ranks, group.rank) if plan.agree else None
     sent = [0] * group.size
     received = [0] * group.size
     loop = asyncio.get_running_loop()
     stepping: asyncio.Future[Any] | None = None
     sends: list[tuple[int, asyncio.Future[Any]]] = []
-    announce = _announce_later(comm, active, timeout)
+    announce = scope.announce_later(group, active, timeout)
     try:
         try:
             async with asyncio.timeout(timeout):
@@ -178,8 +167,8 @@ async def run_schedule(
                             waiters.append(fut)
                     await _wait(comm, active, waiters)
         except TimeoutError:
-            stuck = {peer for peer, fut in sends if not fut.done()}
-            raise _timeout_error(group, active, name, timeout, stuck) from None
+            waiting = {p.peer for p in active.posted} | {peer for peer, fut in sends if not fut.done()}
+            raise scope.timed_out(comm, active, timeout, waiting) from None
     except BaseException as exc:
         if announce is not None:
             announce.cancel()
@@ -230,7 +219,7 @@ async def run_p2p(
                     fut = comm.spawn(comm.send(other, key, _bytes(payload)))
                 await _wait(comm, active, [fut])
         except TimeoutError:
-            raise _timeout_error(group, active, name, timeout, {other}) from None
+            raise scope.timed_out(comm, active, timeout, {p.peer for p in active.posted} | {other}) from None
     except (asyncio.CancelledError, CollectiveTimeoutError):
         # Point to point resynchronises instead of breaking the group (which would break it on
         # this pair only: a third member would wait for its timeout on its next call). A send
@@ -250,4 +239,4 @@ async def run_p2p(
     comm.end(active)
 
 
-__all__ = ["run_schedule", "run_p2p", "CollectiveError"]
+__all__ = ["MESSAGES", "MessageEngine", "OFFLOAD_BYTES", "run_p2p", "run_schedule"]

@@ -42,8 +42,8 @@ T = TypeVar("T")
 #: Architectures whose memory model the counters rely on.
 _TSO = {"x86_64", "amd64", "i386", "i686", "x86"}
 
-#: How long a waiter spins before it sleeps (seconds); AIOCOLL_SHM_SPIN_US overrides.
-SPIN_S = float(os.environ.get("AIOCOLL_SHM_SPIN_US", "200")) * 1e-6
+#: How long a waiter spins before it sleeps by default (seconds; Settings.shm_spin_us).
+SPIN_S = 200e-6
 #: Longest single sleep on a doorbell: bounds the cost of a missed wake-up.
 SLEEP_SLICE_S = 0.005
 
@@ -72,15 +72,12 @@ def fence() -> None:
     _fence_lock.release()
 
 
-_YIELD = os.environ.get("AIOCOLL_SHM_SPIN_YIELD", "1") not in ("0", "off", "")
-
-
-def spin_until(ready: Callable[[T], bool], arg: T, seconds: float) -> bool:
+def spin_until(ready: Callable[[T], bool], arg: T, seconds: float, yield_cpu: bool = True) -> bool:
     """Poll ``ready(arg)`` for up to ``seconds``; True as soon as it holds.
 
-    Each miss yields the CPU (``sched_yield``): if the member we wait for shares our core (a
-    busy machine, more ranks than cores), it runs now instead of after our time slice; on an
-    idle core the call returns at once.
+    With ``yield_cpu`` (Settings.shm_spin_yield) each miss yields the CPU (``sched_yield``): if
+    the member we wait for shares our core (a busy machine, more ranks than cores), it runs now
+    instead of after our time slice; on an idle core the call returns at once.
     """
     end = time.perf_counter() + seconds
     while True:
@@ -88,7 +85,7 @@ def spin_until(ready: Callable[[T], bool], arg: T, seconds: float) -> bool:
             return True
         if time.perf_counter() >= end:
             return False
-        if _YIELD:
+        if yield_cpu:
             os.sched_yield()
 
 

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import pipelines as algo
-from ...core.comm import ActiveOp, Communicator, dtype_name, op_name
+from ...core.comm import ActiveOp, dtype_name, op_name
 from ...arrays.dtypes import WireDtype
 from ...core.errors import (
     CollectiveTimeoutError,
@@ -72,10 +72,12 @@ from ...core.errors import (
     TransportError,
 )
 from ...arrays.ops import ReduceOp
-from ...sharedmem.doorbell import SLEEP_SLICE_S, SPIN_S, Doorbell, fence, spin_until
+from ...sharedmem.doorbell import SLEEP_SLICE_S, Doorbell, fence, spin_until
 from .layout import A, B, F, GroupSegment, peek, segment_bytes
 from ...sharedmem.segment import create_anonymous, map_fd
-from ...core.wire import NO_CALL, Call, FrameKey, Kind, kind_name
+from ...core.wire import Call, FrameKey, Kind, kind_name
+from .. import scope
+from ..plan import Plan
 
 if TYPE_CHECKING:
     from ...groups.group import ProcessGroup
@@ -91,25 +93,15 @@ _OFFER = struct.Struct("<QQQ")
 YIELD_S = 0.001
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-
-
 #: Most staging memory per member (depth * world * part bytes), and for the whole segment:
 #: large groups get smaller parts (every member stages a part for every other one).
 STAGE_BUDGET = 16 << 20
 SEGMENT_BUDGET = 256 << 20
 
 
-def default_part_bytes(world: int, depth: int = 4) -> int:
-    """Bytes each member owns per round (``AIOCOLL_SHM_PART_BYTES`` overrides)."""
-    part = _env_int("AIOCOLL_SHM_PART_BYTES", 0)
+def default_part_bytes(world: int, depth: int = 4, chosen: int = 0) -> int:
+    """Bytes each member owns per round (``chosen``, Settings.shm_part_bytes, overrides)."""
+    part = chosen
     if part:
         return max(4096, part // 4096 * 4096)
     # Measured (BENCHMARKS.md, "tuning"): big parts amortise the per-round Python work, small
@@ -122,18 +114,9 @@ def default_part_bytes(world: int, depth: int = 4) -> int:
     return max(4096, min(part, budget // (depth * world) // 4096 * 4096))
 
 
-def default_depth() -> int:
-    return _env_int("AIOCOLL_SHM_DEPTH", 4)
-
-
-def default_direct_max(world: int, part: int) -> int:
+def default_direct_max(world: int, part: int, limit: int = 32 << 10) -> int:
     """Largest all_reduce done in one round, every member reducing everything."""
-    return min(_env_int("AIOCOLL_SHM_DIRECT_MAX", 32 << 10), world * part)
-
-
-def default_thread_min() -> int:
-    """Operations of at least this many bytes run in the worker thread (``AIOCOLL_SHM_THREAD_MIN``)."""
-    return _env_int("AIOCOLL_SHM_THREAD_MIN", 1 << 62)
+    return min(limit, world * part)
 
 
 def _usable_cpus() -> int:
@@ -179,8 +162,8 @@ class ShmEngine:
         *,
         on_close: Callable[[ShmEngine], None] | None = None,
     ) -> None:
-        from ...core.world import in_harness
-
+        settings = group.world.settings
+        self.settings = settings
         self.gid = group.gid
         self.size = group.size
         self.rank = group.rank
@@ -211,12 +194,13 @@ class ShmEngine:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._on_close = on_close
-        self.thread_min = default_thread_min()
+        self.thread_min = settings.shm_thread_min
         # Spinning only pays when every member has a core of its own: with more members than
         # cores (or all of them as tasks of this very process) the spinner steals the time of
         # the member it waits for.
-        own_cores = _usable_cpus() >= self.size and not in_harness.get()
-        self.spin_s = SPIN_S if own_cores else 0.0
+        own_cores = _usable_cpus() >= self.size and not group.world.shares_process
+        self.spin_s = settings.shm_spin_us * 1e-6 if own_cores else 0.0
+        self.spin_yield = settings.shm_spin_yield
 
     @property
     def closed(self) -> bool:
@@ -238,102 +222,64 @@ class ShmEngine:
         if ticket != self._holder:
             self._finish(ticket)
 
-    async def all_reduce(
-        self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float,
-        *, ticket: int | None = None, call: Call = NO_CALL,
-    ) -> None:
-        """``out`` = reduction of every member's ``x`` (flat arrays; AVG is left a SUM).
+    async def run(self, g: ProcessGroup, plan: Plan, ticket: int) -> None:
+        """Run ``plan`` (all_reduce, reduce_scatter, all_gather or broadcast; flat arrays; an
+        AVG all_reduce is left a SUM) in the group's segment.
 
         Raises:
             CollectiveError: timeout (naming the members that did not arrive), a dead member, a
                 mismatch with another member's call, a remote abort, or a broken group.
             asyncio.CancelledError: the caller was cancelled; the group is broken everywhere.
         """
+        x, out = plan.x, plan.out
+        assert x is not None and out is not None
+        op, code = ReduceOp(plan.op) if plan.op else ReduceOp.SUM, WireDtype(plan.dtype)
+        small: tuple[ReduceOp, WireDtype, Array, Array] | None = None
+        build: Callable[[algo.Context], tuple[algo.Algorithm, int]]
+        if plan.collective == "all_reduce":
+            nbytes, small = x.nbytes, (op, code, x, out)
 
-        def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
-            return algo.all_reduce_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
+            def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
+                return algo.all_reduce_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
+        elif plan.collective == "reduce_scatter":
+            nbytes = x.nbytes
 
-        await self._run(
-            g, seq, "all_reduce", Kind.ALL_REDUCE, int(op), code, x.size, 0, x.nbytes, timeout, build, ticket, call,
-            (op, code, x, out),
-        )
+            def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
+                return algo.reduce_scatter_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
+        elif plan.collective == "all_gather":
+            nbytes = out.nbytes
 
-    async def reduce_scatter(
-        self, g: ProcessGroup, seq: int, op: ReduceOp, code: WireDtype, x: Array, out: Array, timeout: float,
-        *, ticket: int | None = None, call: Call = NO_CALL,
-    ) -> None:
-        """``out`` = block ``group.rank`` of the reduction of every member's ``x`` (W blocks).
+            def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
+                return algo.all_gather_pipelined(ctx, x, out), algo.ALGO_PIPELINED
+        elif plan.collective == "broadcast":
+            nbytes, root = out.nbytes, plan.root
 
-        Raises:
-            CollectiveError, asyncio.CancelledError: as ``all_reduce``.
-        """
-
-        def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
-            return algo.reduce_scatter_pipelined(ctx, op, code, x, out), algo.ALGO_PIPELINED
-
-        await self._run(
-            g, seq, "reduce_scatter", Kind.REDUCE_SCATTER, int(op), code, x.size, 0, x.nbytes, timeout, build, ticket, call
-        )
-
-    async def all_gather(
-        self, g: ProcessGroup, seq: int, code: WireDtype, x: Array, out: Array, timeout: float,
-        *, ticket: int | None = None, call: Call = NO_CALL,
-    ) -> None:
-        """``out`` = every member's ``x`` in group-rank order.
-
-        Raises:
-            CollectiveError, asyncio.CancelledError: as ``all_reduce``.
-        """
-
-        def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
-            return algo.all_gather_pipelined(ctx, x, out), algo.ALGO_PIPELINED
-
-        await self._run(g, seq, "all_gather", Kind.ALL_GATHER, 0, code, x.size, 0, out.nbytes, timeout, build, ticket, call)
-
-    async def broadcast(
-        self, g: ProcessGroup, seq: int, root: int, code: WireDtype, buf: Array, timeout: float,
-        *, ticket: int | None = None, call: Call = NO_CALL,
-    ) -> None:
-        """Copy group rank ``root``'s ``buf`` into every member's ``buf``.
-
-        Raises:
-            CollectiveError, asyncio.CancelledError: as ``all_reduce``.
-        """
-
-        def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
-            return algo.broadcast_pipelined(ctx, root, buf), algo.ALGO_PIPELINED
-
-        await self._run(g, seq, "broadcast", Kind.BROADCAST, 0, code, buf.size, root, buf.nbytes, timeout, build, ticket, call)
+            def build(ctx: algo.Context) -> tuple[algo.Algorithm, int]:
+                return algo.broadcast_pipelined(ctx, root, out), algo.ALGO_PIPELINED
+        else:
+            self.abandon(ticket)
+            raise ValueError(f"the shm engine does not run {plan.collective}")
+        await self._run(g, plan, nbytes, build, ticket, small)
 
     # ------------------------------------------------------------------ one operation
     async def _run(
         self,
         g: ProcessGroup,
-        seq: int,
-        name: str,
-        kind: Kind,
-        op: int,
-        code: WireDtype,
-        count: int,
-        root: int,
+        plan: Plan,
         nbytes: int,
-        timeout: float,
         build: Callable[[algo.Context], tuple[algo.Algorithm, int]],
-        ticket: int | None,
-        call: Call,
+        ticket: int,
         small: tuple[ReduceOp, WireDtype, Array, Array] | None = None,
     ) -> None:
-        if ticket is None:
-            ticket = self.reserve()
         comm = g.world.comm
+        seq, name, timeout = plan.seq, plan.label, plan.timeout
+        kind, op, code, count, call, root = plan.kind, plan.op, WireDtype(plan.dtype), plan.count, plan.call, plan.root
         try:
-            active = comm.begin(g.name, g.gid, seq, name, self._member_set)
+            active = scope.begin(g, plan, self._member_set)
         except BaseException:
             self.abandon(ticket)
             raise
         active.needs = lambda peer: self._needs(active, peer)
-        comm.expect(active, FrameKey(g.gid, seq, 0, int(kind), op, int(code), 0, count, call.digest), call,
-                    timeout=timeout)
         # A deadline rather than asyncio.timeout around everything: a small operation that
         # never has to sleep then pays nothing for its timeout (see _wait_async).
         deadline = asyncio.get_running_loop().time() + timeout
@@ -476,9 +422,7 @@ class ShmEngine:
         elif self._unheard:
             missing = [rank for rank, fut in self._unheard if not fut.done() or fut.cancelled()]
         who = f"; ranks {missing} had not arrived" if missing else ""
-        return CollectiveTimeoutError(
-            f"{name} did not complete within {timeout} s{who}", group=active.group, seq=active.seq, op=name, ranks=missing
-        )
+        return scope.timed_out(self._comm, active, timeout, missing, missing, who)
 
     # ------------------------------------------------------------------ setup
     async def _setup(
@@ -491,15 +435,15 @@ class ShmEngine:
         seg: GroupSegment | None = None
         try:
             if g.rank == 0:
-                depth = default_depth()
-                part = default_part_bytes(g.size, depth)
+                depth = self.settings.shm_depth
+                part = default_part_bytes(g.size, depth, self.settings.shm_part_bytes)
                 size = segment_bytes(g.size, part, depth)
                 token = secrets.randbits(64) | 1
                 fd = create_anonymous(size, f"g{g.gid:016x}")
                 mm = map_fd(fd, size)
                 try:
                     seg = GroupSegment(
-                        mm, world=g.size, part=part, depth=depth, direct_max=default_direct_max(g.size, part),
+                        mm, world=g.size, part=part, depth=depth, direct_max=default_direct_max(g.size, part, self.settings.shm_direct_max),
                         gid=g.gid, token=token,
                     )
                 except BaseException:
@@ -713,7 +657,7 @@ class ShmEngine:
         """
         seg, bell = self._segment(), self._bell
         assert bell is not None
-        if self.spin_s and spin_until(self._satisfied, w, self.spin_s):
+        if self.spin_s and spin_until(self._satisfied, w, self.spin_s, self.spin_yield):
             return
         loop = asyncio.get_running_loop()
         self._waiting = w
@@ -786,7 +730,7 @@ class ShmEngine:
     def _wait_blocking(self, w: algo.Wait, active: ActiveOp) -> None:
         seg, bell = self._seg, self._bell
         assert seg is not None and bell is not None
-        if self.spin_s and spin_until(self._satisfied, w, self.spin_s):
+        if self.spin_s and spin_until(self._satisfied, w, self.spin_s, self.spin_yield):
             return
         self._waiting = w
         seg.set_sleeping(self.rank, True)
@@ -839,4 +783,4 @@ class ShmEngine:
             self._on_close(self)
 
 
-__all__ = ["ShmEngine", "default_part_bytes", "default_depth", "default_direct_max", "default_thread_min"]
+__all__ = ["ShmEngine", "default_direct_max", "default_part_bytes"]
