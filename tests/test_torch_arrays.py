@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is an optional extra; the [test] set-up (.ci/run) installs the CPU build")
 
 import aiocoll  # noqa: E402
-from aiocoll.arrays.payload import as_payload  # noqa: E402
+from aiocoll.arrays.adapt import as_payload  # noqa: E402
 from aiocoll.arrays.dtypes import WireDtype, wire_dtype  # noqa: E402
 from aiocoll.testing import run_ranks  # noqa: E402
 

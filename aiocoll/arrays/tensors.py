@@ -1,6 +1,6 @@
 """Torch tensors as collective payloads: the numpy face of a tensor, and back.
 
-Imported by ``aiocoll.arrays.payload`` only when a tensor is seen, so torch stays optional.
+Imported by ``aiocoll.arrays.adapt`` only when a tensor is seen, so torch stays optional.
 
 - CPU tensors are read without a copy: the payload array is a numpy view of the tensor's memory
   (a contiguous copy first when the tensor is strided, conjugated or negated).
@@ -109,7 +109,7 @@ def plain_tensor(x: Any, what: str = "x") -> torch.Tensor:
     )
 
 
-def _check(t: torch.Tensor, what: str) -> None:
+def check_tensor(t: torch.Tensor, what: str) -> None:
     if t.layout != torch.strided:
         raise TypeError(f"{what}: {t.layout} tensors are not supported; pass a dense (strided) tensor")
     if t.is_quantized:
@@ -174,7 +174,7 @@ def tensor_payload(x: Any, what: str = "x") -> Payload:
         TypeError: not a tensor, an unsupported subclass, layout, device (meta) or dtype.
     """
     t = plain_tensor(x, what)
-    _check(t, what)
+    check_tensor(t, what)
     dtype, device = t.dtype, t.device
     dense = _dense(t)
     host = dense if device.type == "cpu" else _to_host(dense)
@@ -190,7 +190,7 @@ def tensor_payload(x: Any, what: str = "x") -> Payload:
 _TORCH_TO_NUMPY = {t: d for d, t in _NUMPY_TO_TORCH.items()}
 
 
-def _code_of(t: torch.Tensor) -> WireDtype:
+def code_of(t: torch.Tensor) -> WireDtype:
     if t.dtype == torch.bfloat16:
         return WireDtype.BFLOAT16
     return wire_dtype(_TORCH_TO_NUMPY[t.dtype])
@@ -217,8 +217,8 @@ def tensor_output(out: Any, like: Payload, shape: tuple[int, ...]) -> tuple[Arra
         ValueError: ``out`` has another shape than the result.
     """
     t = plain_tensor(out, "out")
-    _check(t, "out")
-    if _code_of(t) != like.code:
+    check_tensor(t, "out")
+    if code_of(t) != like.code:
         raise TypeError(f"out has dtype {t.dtype}, the result has dtype {torch_dtype_of(like)}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"out has shape {tuple(t.shape)}, the result has shape {tuple(shape)}")

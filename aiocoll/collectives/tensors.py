@@ -35,7 +35,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from ..arrays.payload import Array, Payload, as_output, as_payload
+from ..arrays.adapt import as_output, as_payload
+from ..arrays.payload import Array, Payload
 from ..engines.messages import MESSAGES, OFFLOAD_BYTES, run_p2p
 from ..engines.plan import Engine, Plan
 from ..arrays.dtypes import WireDtype

@@ -386,11 +386,6 @@ def _free_port() -> int:
 
 def _env(job_id: str) -> dict[str, str]:
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.basename(root) not in ("site-packages", "dist-packages"):
-        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if root not in parts:
-            env["PYTHONPATH"] = os.pathsep.join([root, *parts])
     env.setdefault("AIOCOLL_SECRET", secrets.token_hex(16))
     env["AIOCOLL_JOB_ID"] = job_id
     env["GLOO_SOCKET_IFNAME"] = env.get("GLOO_SOCKET_IFNAME", "lo")

@@ -38,7 +38,6 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, TextIO, cast
 
 from ..core.auth import new_secret
@@ -140,18 +139,6 @@ def _free_port(host: str) -> int:
         return port
 
 
-def _source_root() -> str | None:
-    """The directory holding this ``aiocoll`` package when it runs from a source checkout.
-
-    A rank runs ``python script.py`` with the script's directory on ``sys.path``, not ours, so
-    an uninstalled checkout would otherwise be invisible to the ranks it launched.
-    """
-    root = Path(__file__).resolve().parent.parent
-    if root.name in ("site-packages", "dist-packages"):
-        return None
-    return str(root)
-
-
 def _rank_environments(
     base: Mapping[str, str],
     nprocs: int,
@@ -175,12 +162,9 @@ def _rank_environments(
         common["AIOCOLL_TRANSPORT"] = transport
     if timeout is not None:
         common["AIOCOLL_TIMEOUT"] = repr(float(timeout))
-    root = _source_root()
-    if root is not None:
-        # Appended, so that a PYTHONPATH the user chose still wins.
-        parts = [p for p in common.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if root not in parts:
-            common["PYTHONPATH"] = os.pathsep.join([*parts, root])
+    # Nothing is added to PYTHONPATH: ranks import the aiocoll this launcher runs because it is
+    # installed (the one way transports/ becomes aiocoll.transports). Adding the package's own
+    # folder, as a checkout fallback once did, would shadow top-level names such as ``torch``.
     return [dict(common, RANK=str(r), LOCAL_RANK=str(r)) for r in range(nprocs)]
 
 

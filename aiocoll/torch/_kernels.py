@@ -14,7 +14,7 @@ import torch
 from aiocoll.collectives import tensors as core
 from aiocoll.groups.group import ProcessGroup
 from aiocoll.arrays.ops import check_op_dtype, parse_op
-from aiocoll.arrays.tensors import _check, _code_of
+from aiocoll.arrays.tensors import check_tensor, code_of
 
 from ._groups import group_named
 from ._work import launch, wait_for
@@ -23,8 +23,8 @@ from ._work import launch, wait_for
 # --------------------------------------------------------------------------- checks and shapes
 def check_reduce(t: torch.Tensor, reduce_op: str, what: str = "input") -> None:
     """Raise ValueError/TypeError if ``reduce_op`` is unknown or undefined for ``t``'s dtype."""
-    _check(t, what)
-    check_op_dtype(parse_op(reduce_op), _code_of(t))
+    check_tensor(t, what)
+    check_op_dtype(parse_op(reduce_op), code_of(t))
 
 
 def norm_dim(dim: int, ndim: int, what: str) -> int:
@@ -99,7 +99,7 @@ def all_reduce(input: torch.Tensor, reduce_op: str, group_name: str) -> torch.Te
 
 
 def all_gather(input: torch.Tensor, gather_dim: int, group_size: int, group_name: str) -> torch.Tensor:
-    _check(input, "input")
+    check_tensor(input, "input")
     d = norm_dim(gather_dim, input.dim(), "gather_dim")
     g = _group(group_name, group_size)
     out = _empty(gathered_shape(input.shape, d, g.size), input)
@@ -129,7 +129,7 @@ def reduce_scatter(
 def all_to_all(
     input: torch.Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int], group_name: str
 ) -> torch.Tensor:
-    _check(input, "input")
+    check_tensor(input, "input")
     if input.dim() == 0:
         raise ValueError("all_to_all_single needs a tensor with at least one dimension")
     g = _group(group_name)
@@ -151,7 +151,7 @@ def all_to_all(
 
 
 def broadcast(input: torch.Tensor, src: int, group_name: str) -> torch.Tensor:
-    _check(input, "input")
+    check_tensor(input, "input")
     g = _group(group_name)
     if not 0 <= src < g.size:
         raise ValueError(f"broadcast: src={src} is out of range for {g.name} of size {g.size}")
@@ -165,7 +165,7 @@ def broadcast(input: torch.Tensor, src: int, group_name: str) -> torch.Tensor:
 
 
 def permute(input: torch.Tensor, src_dst: Sequence[int], group_name: str) -> torch.Tensor:
-    _check(input, "input")
+    check_tensor(input, "input")
     g = _group(group_name)
     perm = [int(v) for v in src_dst]
     if sorted(perm) != list(range(g.size)):
@@ -210,7 +210,7 @@ def all_gather_coalesced(
         raise ValueError(f"all_gather coalesced: {len(inputs)} tensors but {len(gather_dims)} gather dims")
     dims = []
     for i, (t, d) in enumerate(zip(inputs, gather_dims)):
-        _check(t, f"inputs[{i}]")
+        check_tensor(t, f"inputs[{i}]")
         dims.append(norm_dim(d, t.dim(), f"gather_dims[{i}]"))
     g = _group(group_name, group_size)
     outs = [_empty(gathered_shape(t.shape, d, g.size), t) for t, d in zip(inputs, dims)]
