@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import algorithms
+from aiocoll import Settings
 from aiocoll.testing import run_ranks
 
 from _reference import DTYPES, OPS, WORLD_SIZES, assert_reduced, data, op_valid, reduce_ref
 
 SHAPE = (7, 3)  # 21 elements: divides evenly by none of 2, 5, 8
-
-
-@pytest.fixture(autouse=True)
-def _auto_algorithms():
-    yield
-    for name in algorithms.ALGORITHMS:
-        algorithms.force(name, None)
 
 
 VALID = [(d, op) for d in DTYPES for op in OPS if op_valid(op, d)]
@@ -69,9 +62,9 @@ async def test_all_reduce_rejects_op_for_dtype(dtype_op):
 @pytest.mark.parametrize("algorithm", ["direct", "rsag", "ring"])
 @pytest.mark.parametrize("count", [0, 1, 5, 1001, 70001])
 async def test_all_reduce_algorithms_any_size(world_size, algorithm, count):
-    algorithms.force("all_reduce", algorithm)
+    settings = Settings(algorithms={"all_reduce": algorithm})
     inputs = [data(r, (count,), np.float64) for r in range(world_size)]
-    results = await run_ranks(lambda r: aiocoll.all_reduce(inputs[r]), world_size)
+    results = await run_ranks(lambda r: aiocoll.all_reduce(inputs[r]), world_size, settings=settings)
     want = reduce_ref("sum", inputs)
     for y in results:
         assert_reduced(y, want, world_size)
@@ -125,9 +118,9 @@ async def test_all_gather_every_dtype(world_size, dtype):
 @pytest.mark.parametrize("dim", [0, 1, 2, -1])
 @pytest.mark.parametrize("algorithm", ["direct", "ring"])
 async def test_all_gather_along_dim(world_size, dim, algorithm):
-    algorithms.force("all_gather", algorithm)
+    settings = Settings(algorithms={"all_gather": algorithm})
     inputs = [data(r, (2, 3, 4), np.int16) for r in range(world_size)]
-    results = await run_ranks(lambda r: aiocoll.all_gather(inputs[r], dim=dim), world_size)
+    results = await run_ranks(lambda r: aiocoll.all_gather(inputs[r], dim=dim), world_size, settings=settings)
     for y in results:
         np.testing.assert_array_equal(y, np.concatenate(inputs, axis=dim))
 
@@ -142,11 +135,11 @@ async def test_all_gather_scalars():
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("algorithm", ["direct", "ring"])
 async def test_reduce_scatter(world_size, op, algorithm):
-    algorithms.force("reduce_scatter", algorithm)
+    settings = Settings(algorithms={"reduce_scatter": algorithm})
     dtype = np.int32 if op in ("band", "bor", "bxor") else np.float64
     shape = (world_size * 3, 2)
     inputs = [data(r, shape, dtype, op) for r in range(world_size)]
-    results = await run_ranks(lambda r: aiocoll.reduce_scatter(inputs[r], op), world_size)
+    results = await run_ranks(lambda r: aiocoll.reduce_scatter(inputs[r], op), world_size, settings=settings)
     full = reduce_ref(op, inputs)
     for rank, y in enumerate(results):
         assert_reduced(y, full[rank * 3 : (rank + 1) * 3], world_size)
@@ -196,10 +189,10 @@ async def test_all_to_all_equal_splits(world_size):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("algorithm", ["tree", "scatter_allgather"])
 async def test_broadcast_from_every_root(world_size, algorithm):
-    algorithms.force("broadcast", algorithm)
+    settings = Settings(algorithms={"broadcast": algorithm})
     for src in range(world_size):
         inputs = [data(r, (5, 3), np.complex64, seed=src) for r in range(world_size)]
-        results = await run_ranks(lambda r: aiocoll.broadcast(inputs[r], src), world_size)
+        results = await run_ranks(lambda r: aiocoll.broadcast(inputs[r], src), world_size, settings=settings)
         for y in results:
             np.testing.assert_array_equal(y, inputs[src])
 
@@ -208,11 +201,11 @@ async def test_broadcast_from_every_root(world_size, algorithm):
 @pytest.mark.parametrize("op", ["sum", "avg", "max", "bxor"])
 @pytest.mark.parametrize("algorithm", ["tree", "rs_gather"])
 async def test_reduce_to_every_root(world_size, op, algorithm):
-    algorithms.force("reduce", algorithm)
+    settings = Settings(algorithms={"reduce": algorithm})
     dtype = np.int64 if op == "bxor" else np.float32
     for dst in range(world_size):
         inputs = [data(r, (11,), dtype, op) for r in range(world_size)]
-        results = await run_ranks(lambda r: aiocoll.reduce(inputs[r], dst, op), world_size)
+        results = await run_ranks(lambda r: aiocoll.reduce(inputs[r], dst, op), world_size, settings=settings)
         for rank, y in enumerate(results):
             if rank == dst:
                 assert_reduced(y, reduce_ref(op, inputs), world_size)
@@ -352,7 +345,7 @@ async def test_world_of_one_needs_no_store():
 async def test_large_payload_local_work_runs_off_the_loop(algorithm):
     from aiocoll.engines.messages import OFFLOAD_BYTES
 
-    algorithms.force("all_reduce", algorithm)
+    settings = Settings(algorithms={"all_reduce": algorithm})
     count = OFFLOAD_BYTES // 8 * 2 + 3
     inputs = [data(r, (count,), np.float64) for r in range(3)]
     ticks = 0
@@ -365,7 +358,7 @@ async def test_large_payload_local_work_runs_off_the_loop(algorithm):
 
     beat = asyncio.create_task(heartbeat())
     try:
-        results = await run_ranks(lambda r: aiocoll.all_reduce(inputs[r]), 3)
+        results = await run_ranks(lambda r: aiocoll.all_reduce(inputs[r]), 3, settings=settings)
     finally:
         beat.cancel()
     want = reduce_ref("sum", inputs)

@@ -17,16 +17,13 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll import algorithms
 from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
 
 
 @pytest.fixture
-def ring():
-    algorithms.force("all_reduce", "ring")
-    yield
-    algorithms.force("all_reduce", None)
+def ring() -> aiocoll.Settings:
+    return aiocoll.Settings(algorithms={"all_reduce": "ring"})
 
 
 async def test_a_ring_timeout_names_the_absent_rank_on_every_member(ring):
@@ -41,7 +38,7 @@ async def test_a_ring_timeout_names_the_absent_rank_on_every_member(ring):
             await aiocoll.all_reduce(np.ones(1 << 16, np.float32), timeout=1.0)
         return info.value, time.monotonic() - started
 
-    results = await run_ranks(body, 5, return_exceptions=True, timeout=5)
+    results = await run_ranks(body, 5, return_exceptions=True, timeout=5, settings=ring)
     assert results[absent] == "absent"
     for rank, got in enumerate(results):
         if rank == absent:
@@ -66,7 +63,7 @@ async def test_without_the_waiting_notices_a_ring_would_blame_bystanders(ring, m
             await aiocoll.all_reduce(np.ones(1 << 16, np.float32), timeout=1.0)
         return info.value.ranks
 
-    named = await run_ranks(body, 5, return_exceptions=True, timeout=5)
+    named = await run_ranks(body, 5, return_exceptions=True, timeout=5, settings=ring)
     assert any(r is not None and r != (absent,) and r != tuple(p for p in range(5) if p != rank)
                for rank, r in enumerate(named)), named
 

@@ -85,9 +85,9 @@ async def test_two_worlds_in_one_process_can_differ(algorithm: str) -> None:
 
 def test_readme_lists_every_variable() -> None:
     text = README.read_text()
-    missing = [name for name, _, _ in VARIABLES if f"`{name}`" not in text]
+    missing = [name for name, *_ in VARIABLES if f"`{name}`" not in text]
     assert not missing, f"README's settings table lacks {missing}"
     # and names none that does not exist
     named = set(re.findall(r"`(AIOCOLL_[A-Z_<>]+)`", text))
-    known = {name for name, _, _ in VARIABLES}
+    known = {name for name, *_ in VARIABLES}
     assert named <= known | {"AIOCOLL_ALGO_ALL_REDUCE"}, f"README names unknown variables {sorted(named - known)}"

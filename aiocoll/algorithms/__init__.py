@@ -11,6 +11,6 @@ Schedules know nothing of transports: ``aiocoll.testing.simulate`` runs them wit
 from __future__ import annotations
 
 from ._schedule import Op, Recv, Schedule, Send, chunk_bounds
-from .select import ALGORITHMS, MESH, SMALL, choose, force, select
+from .select import ALGORITHMS, MESH, SMALL, choose, select
 
-__all__ = ["ALGORITHMS", "MESH", "SMALL", "Op", "Recv", "Schedule", "Send", "chunk_bounds", "choose", "force", "select"]
+__all__ = ["ALGORITHMS", "MESH", "SMALL", "Op", "Recv", "Schedule", "Send", "chunk_bounds", "choose", "select"]

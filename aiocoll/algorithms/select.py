@@ -1,10 +1,10 @@
 """Which algorithm runs a collective: the table, and ``select``, which returns the schedule.
 
 The table depends only on the collective, the bytes per member and the group's size, so every
-member picks the same algorithm. It can be overridden per collective: for one world with
-``Settings(algorithms={"all_reduce": "ring"})`` (or ``AIOCOLL_ALGO_ALL_REDUCE=ring``), for the
-whole process with ``force("all_reduce", "ring")``; a forced choice must be the same on every
-member (a different one is reported as a mismatch or a timeout, never a wrong value).
+member picks the same algorithm. It can be overridden per collective and per world with
+``Settings(algorithms={"all_reduce": "ring"})`` (or ``AIOCOLL_ALGO_ALL_REDUCE=ring``); a chosen
+algorithm must be the same on every member (a different one is reported as a mismatch or a
+timeout, never a wrong value).
 """
 
 from __future__ import annotations
@@ -32,9 +32,6 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
 SMALL = 64 << 10  # bytes a rank may send in a one-round exchange before we switch algorithm
 MESH = 8  # largest group that uses the full-mesh algorithms for large payloads
 
-_forced: dict[str, str] = {}
-
-
 def check_choice(collective: str, algorithm: str, where: str = "") -> None:
     """Raises ValueError naming the valid choices when ``algorithm`` cannot run ``collective``."""
     if collective not in ALGORITHMS:
@@ -43,28 +40,12 @@ def check_choice(collective: str, algorithm: str, where: str = "") -> None:
         raise ValueError(f"{where}{collective} has no algorithm {algorithm!r}; choose from {ALGORITHMS[collective]}")
 
 
-def force(collective: str, algorithm: str | None) -> None:
-    """Force ``collective`` to use ``algorithm`` in every world of this process (None: back to
-    the world's settings). Per world, prefer ``Settings(algorithms=...)``.
-
-    Raises:
-        ValueError: unknown collective or algorithm; the message lists the valid ones.
-    """
-    if algorithm is None:
-        if collective not in ALGORITHMS:
-            check_choice(collective, "")
-        _forced.pop(collective, None)
-        return
-    check_choice(collective, algorithm)
-    _forced[collective] = algorithm
-
-
 def choose(collective: str, nbytes: int, size: int, chosen: Mapping[str, str] | None = None) -> str:
     """The algorithm's name for ``collective`` of ``nbytes`` per member in a group of ``size``.
 
-    ``chosen``: the world's overrides (``Settings.algorithms``); ``force`` wins over them.
+    ``chosen``: the world's overrides (``Settings.algorithms``).
     """
-    name = _forced.get(collective) or (chosen or {}).get(collective)
+    name = (chosen or {}).get(collective)
     if name:
         return name
     if collective == "all_reduce":

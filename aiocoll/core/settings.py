@@ -155,26 +155,27 @@ def _flag(var: str, raw: str) -> bool:
     raise ValueError(f"{var}={raw!r}: use on or off")
 
 
-#: Every variable aiocoll reads: (name, default, meaning). README's table is checked against it.
-VARIABLES: tuple[tuple[str, str, str], ...] = (
-    ("AIOCOLL_TRANSPORT", "auto", "init's transport: auto, tcp, shm, ucx, inproc or a plugin's name"),
-    ("AIOCOLL_STORE", "from MASTER_ADDR/MASTER_PORT", "init's store: tcp://host:port or file:///path"),
-    ("AIOCOLL_TIMEOUT", "60", "default seconds for every collective and for meeting the other ranks"),
-    ("AIOCOLL_SECRET", "none (aiocoll run makes one per job)", "shared secret that authenticates the store and every connection"),
-    ("AIOCOLL_INSECURE", "0", "1: start without a shared secret (anyone who reaches the store can join)"),
-    ("AIOCOLL_HOST", "127.0.0.1", "address to listen on and advertise"),
-    ("AIOCOLL_JOB_ID", "set by aiocoll run", "names this job's shared-memory objects, for cleanup"),
-    ("AIOCOLL_LOOP", "uvloop if installed", "event loop for aiocoll run and the sync API: asyncio or uvloop"),
+#: Every variable aiocoll reads: (name, default, meaning, read by). README's table is checked
+#: against it. Those read by ``Settings.from_env`` end up in the world's ``Settings``.
+VARIABLES: tuple[tuple[str, str, str, str], ...] = (
+    ("AIOCOLL_TRANSPORT", "auto", "init's transport: auto, tcp, shm, ucx, inproc or a plugin's name", "init"),
+    ("AIOCOLL_STORE", "from MASTER_ADDR/MASTER_PORT", "init's store: tcp://host:port or file:///path", "init"),
+    ("AIOCOLL_TIMEOUT", "60", "default seconds for every collective and for meeting the other ranks", "init"),
+    ("AIOCOLL_SECRET", "none (aiocoll run makes one per job)", "shared secret that authenticates the store and every connection", "init, the store"),
+    ("AIOCOLL_INSECURE", "0", "1: start without a shared secret (anyone who reaches the store can join)", "init"),
+    ("AIOCOLL_HOST", "127.0.0.1", "address to listen on and advertise", "init"),
+    ("AIOCOLL_JOB_ID", "set by aiocoll run", "names this job's shared-memory objects, for cleanup", "aiocoll run (sets it), shm segments"),
+    ("AIOCOLL_LOOP", "uvloop if installed", "event loop for aiocoll run and the sync API: asyncio or uvloop", "aiocoll run, sync API"),
     ("AIOCOLL_ALGO_<COLLECTIVE>", "by size", "force an algorithm: " + "; ".join(
-        f"{k.upper()}: {'/'.join(v)}" for k, v in ALGORITHMS.items())),
-    ("AIOCOLL_SHM_FASTPATH", "on", "run same-host groups on the shared-memory engine"),
-    ("AIOCOLL_SHM_FASTPATH_MIN_<COLLECTIVE>", "0", "smallest per-member bytes the shm engine takes (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST)"),
-    ("AIOCOLL_SHM_PART_BYTES", "by group size", "bytes each member owns per shm pipeline round"),
-    ("AIOCOLL_SHM_DEPTH", "4", "shm pipeline rounds in flight"),
-    ("AIOCOLL_SHM_DIRECT_MAX", "32768", "shm payloads up to this size use one-round algorithms"),
-    ("AIOCOLL_SHM_THREAD_MIN", "never", "shm operations from this size run in the engine's worker thread"),
-    ("AIOCOLL_SHM_SPIN_US", "200", "microseconds a waiting shm member spins before sleeping (0: never)"),
-    ("AIOCOLL_SHM_SPIN_YIELD", "on", "yield the CPU between polls while spinning"),
+        f"{k.upper()}: {'/'.join(v)}" for k, v in ALGORITHMS.items()), "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_FASTPATH", "on", "run same-host groups on the shared-memory engine", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_FASTPATH_MIN_<COLLECTIVE>", "0", "smallest per-member bytes the shm engine takes (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST)", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_PART_BYTES", "by group size", "bytes each member owns per shm pipeline round", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_DEPTH", "4", "shm pipeline rounds in flight", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_DIRECT_MAX", "32768", "shm payloads up to this size use one-round algorithms", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_THREAD_MIN", "never", "shm operations from this size run in the engine's worker thread", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_SPIN_US", "200", "microseconds a waiting shm member spins before sleeping (0: never)", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_SPIN_YIELD", "on", "yield the CPU between polls while spinning", "Settings.from_env (init)"),
 )
 
 __all__ = ["SHM_COLLECTIVES", "Settings", "VARIABLES"]

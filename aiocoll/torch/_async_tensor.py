@@ -101,7 +101,7 @@ class AsyncCollectiveTensor(torch.Tensor):
     def tolist(self) -> Any:
         return self.trigger_wait().tolist()
 
-    def numpy(self, *, force: bool = False) -> Any:  # type: ignore[override]
+    def numpy(self, *, force: bool = False) -> Any:  # type: ignore[override, unused-ignore]
         return self.trigger_wait().numpy(force=force)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
@@ -156,11 +156,11 @@ class _Wrap(torch.autograd.Function):
     """Identity for autograd between an op's output and its lazy wrapper."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, work: Work | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: torch.Tensor, work: Work | None) -> torch.Tensor:  # type: ignore[override, unused-ignore]
         return AsyncCollectiveTensor(t, work)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override, unused-ignore]
         return grad, None
 
 

@@ -256,7 +256,7 @@ def launch(inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], body: B
         if task.cancelled():
             future.cancel()
         elif task.exception() is not None:
-            future.set_exception(task.exception())  # type: ignore[arg-type]
+            future.set_exception(task.exception())  # type: ignore[arg-type, unused-ignore]  # needed with some torch versions
         else:
             future.set_result(None)
 
