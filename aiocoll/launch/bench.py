@@ -386,7 +386,10 @@ def _free_port() -> int:
 
 def _env(job_id: str) -> dict[str, str]:
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The directory holding the aiocoll package (this file is aiocoll/launch/bench.py). One level
+    # less puts aiocoll/ itself on the path, and the gloo worker's `import torch` then finds
+    # aiocoll/torch instead of PyTorch.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.basename(root) not in ("site-packages", "dist-packages"):
         parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if root not in parts:
