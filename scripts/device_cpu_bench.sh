@@ -22,6 +22,10 @@ SITE=${SITE:-/tmp/aiocoll-site}
 $PY -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --upgrade --target "$SITE" . >/dev/null \
     || { echo "# could not install the checkout into $SITE"; exit 1; }
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# Run from elsewhere: `python -m` puts the working directory first on sys.path, and the checkout's
+# aiocoll/ (without aiocoll.transports, which only the install maps) would shadow the install.
+REPO=$(pwd)
+cd /tmp
 export GLOO_SOCKET_IFNAME=lo
 
 echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host $(hostname)  cores $(nproc)  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
@@ -29,7 +33,7 @@ echo "# memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')  load: $(cut -d' ' -
 echo "# $($PY -c 'import sys, numpy, torch; print("python", sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__)' 2>&1 | tail -1)"
 echo "# $($PY -c 'import uvloop; print("uvloop", uvloop.__version__)' 2>&1 | tail -1)"
 echo "# $($PY -c 'from mpi4py import MPI; import mpi4py; print("mpi4py", mpi4py.__version__, "|", MPI.Get_library_version().splitlines()[0].strip(chr(0)))' 2>&1 | tr -d '\000' | tail -1)"
-echo "# mpirun: $(command -v mpirun || echo missing)  git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "# mpirun: $(command -v mpirun || echo missing)  git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 COMPARE=gloo,mpi
 if ! $PY -c 'from mpi4py import MPI' >/dev/null 2>&1 || ! command -v mpirun >/dev/null; then
@@ -53,6 +57,6 @@ done
 if [ -n "${P2P_SIZES:-}" ]; then
     echo
     echo "=== tcp point to point against a raw blocking socket (benchmarks/tcp_p2p.py)"
-    timeout 300 $PY benchmarks/tcp_p2p.py --sizes "$P2P_SIZES" || status=1
+    timeout 300 $PY "$REPO/benchmarks/tcp_p2p.py" --sizes "$P2P_SIZES" || status=1
 fi
 exit $status
