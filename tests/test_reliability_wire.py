@@ -68,7 +68,7 @@ def test_the_only_unpickling_in_the_package_is_the_opt_in_one():
                 hits.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {name}")
     assert [h for h in hits if not h.startswith("aiocoll/collectives/objects.py")] == [], hits
     assert len(hits) == 1, hits
-    src = (PACKAGE / "_objects.py").read_text()
+    src = (PACKAGE / "collectives" / "objects.py").read_text()
     assert "if not allow_pickle:" in src and "refusing to unpickle" in src
 
 

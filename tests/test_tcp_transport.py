@@ -463,3 +463,87 @@ async def test_a_goodbye_waits_for_the_frame_still_arriving_from_that_peer(
         assert sink.lost_from(1) == [None]
     finally:
         fake_listener.close()
+
+
+# -- large frames on I/O threads (the connection's lane)
+
+
+def _lane_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("aiocoll-tcp-")]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("how", ["aclose", "abort"])
+def test_large_frames_move_on_threads_that_end_with_the_transport(loop: str, how: str) -> None:
+    """Frames of bulk_bytes and more are written and read by threads of the connection; mixed
+    with small frames they keep their order and their bytes, and no thread outlives the
+    transport. The same run under the stdlib loop and uvloop."""
+    import numpy as np
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    rng = np.random.default_rng(11)
+    # Sizes around the threshold and the staging buffer, and one that takes many recv calls.
+    sizes = [5, 300 << 10, 17, (256 << 10) - 1, 256 << 10, 7 << 20, 0, (1 << 20) + 3, 40]
+    payloads = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+
+    async def main() -> None:
+        before = set(_lane_threads())
+        transports = [TcpTransport(_config(r, 2)) for r in range(2)]
+        sinks = [RecordingSink(), RecordingSink()]
+        addresses = [await t.listen(s) for t, s in zip(transports, sinks)]
+        try:
+            conns = [await transports[0].connect(1, addresses[1]), await transports[1].connect(0, addresses[0])]
+            # Both directions at once; each direction's sends are started together, so only the
+            # connection's lock orders them.
+            await asyncio.gather(*(
+                c.send(bytes([i]) * KEY_SIZE, p) for c in conns for i, p in enumerate(payloads)
+            ))
+            during = set(_lane_threads()) - before
+            assert len(during) == 4, f"expected a send and a receive thread per connection, saw {sorted(during)}"
+            for sink, peer in ((sinks[1], 0), (sinks[0], 1)):
+                await sink.wait_frames(len(payloads), 10.0)
+                got = sink.frames_from(peer)
+                assert [f.key[0] for f in got] == list(range(len(payloads)))
+                assert [bytes(f.data) == p for f, p in zip(got, payloads)] == [True] * len(payloads)
+                assert not sink.errors
+        finally:
+            for t in transports:
+                if how == "aclose":
+                    await t.aclose()
+                else:
+                    t.abort()
+        if how == "aclose":
+            assert set(_lane_threads()) - before == set(), "aclose returned with an I/O thread still running"
+        else:
+            async with asyncio.timeout(2):
+                while set(_lane_threads()) - before:
+                    await asyncio.sleep(0.01)
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+async def test_a_sender_killed_in_a_large_frame_is_reported_and_nothing_half_delivered(
+    listener: tuple[TcpTransport, RecordingSink, str]
+) -> None:
+    _, sink, address = listener
+    reader, writer = await _handshaken(address)
+    # A header announcing 8 MiB, 1 MiB of it, then a reset: the receiving thread holds the frame.
+    writer.write(struct.pack("!4sQ", b"ACF1", 8 << 20) + KEY + bytes(1 << 20))
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    assert any(n.startswith("aiocoll-tcp-recv-") for n in _lane_threads())
+    sock = writer.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    await sink.wait_lost(1, 5.0)
+    assert not sink.frames, "half a frame must never be delivered"
+    assert isinstance(sink.lost_from(1)[0], TransportError)
+    await _assert_still_serving(address, sink)
+
+
+def test_bulk_bytes_must_be_a_count() -> None:
+    with pytest.raises(ValueError, match="bulk_bytes"):
+        TcpTransport(_config(0, options={"bulk_bytes": -1}))

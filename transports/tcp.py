@@ -24,12 +24,23 @@ Options (``TransportConfig.options``):
         the address connected to).
     socket_buffer: SO_SNDBUF / SO_RCVBUF in bytes (default 0: leave the kernel's autotuning
         alone; 4 MiB buffers measured no faster on loopback).
+    bulk_bytes: payloads of at least this many bytes are sent and received by a thread of the
+        connection doing blocking I/O (see ``_tcp_lane``), not by the event loop (default
+        256 KiB, or ``AIOCOLL_TCP_BULK_BYTES``; 0: never). Not with TLS, whose bytes only the ssl
+        transport can produce.
+
+Large frames: the event loop reads the header (and whatever of the payload came with it), then
+stops reading that socket and hands the rest of the payload to the connection's lane, which
+``recv_into``s it straight into the sink's memory and gives the socket back; on the sending
+side the lane ``sendmsg``s header and payload. Frames on one connection keep their order: a
+send holds the connection's lock until its bytes are in the kernel, whichever path wrote them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -40,6 +51,7 @@ from aiocoll.core import auth as _auth
 from aiocoll.core.errors import HandshakeError, TransportError
 
 from ._base import KEY_SIZE, MAX_FRAME, Buffer, Capabilities, FrameSink, TransportConfig
+from ._tcp_lane import Lane, PeerClosed, recv_all, send_all
 
 _log = logging.getLogger("aiocoll.transports.tcp")
 
@@ -63,6 +75,11 @@ _STAGING = 16 << 10
 # TcpConnection.send for why. On the 3.11 selector loop one 64 MiB write() ran at 0.7 GB/s (the
 # transport copies the unsent rest), 1 MiB and 4 MiB slices at 2-3 GB/s.
 _SLICE = 1 << 20
+# Payloads up to this size are copied behind their header and written with it in one write().
+_COALESCE = 64 << 10
+# Frames from this size on go through the connection's lane (option bulk_bytes). Below it a
+# thread hand-off (two wake-ups, 20-100 us) costs more than the loop's own writes and reads.
+_DEFAULT_BULK_BYTES = 256 << 10
 # Connect backoff: first retry after 10 ms, doubling up to 1 s.
 _BACKOFF_FIRST = 0.01
 _BACKOFF_MAX = 1.0
@@ -131,6 +148,22 @@ def _tune(sock: Any, buffer_size: int, *, send: bool, receive: bool) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
 
 
+def _bulk_bytes(options: dict[str, Any]) -> int:
+    """The ``bulk_bytes`` option, else ``AIOCOLL_TCP_BULK_BYTES``, else the default.
+
+    Raises:
+        ValueError: not an integer >= 0.
+    """
+    value = options.get("bulk_bytes", os.environ.get("AIOCOLL_TCP_BULK_BYTES", _DEFAULT_BULK_BYTES))
+    try:
+        bulk = int(value)
+    except (TypeError, ValueError):
+        bulk = -1
+    if bulk < 0:
+        raise ValueError(f"tcp bulk_bytes (option or AIOCOLL_TCP_BULK_BYTES) must be an integer >= 0, got {value!r}")
+    return bulk
+
+
 def _peername(transport: asyncio.BaseTransport) -> str:
     name = transport.get_extra_info("peername")
     if isinstance(name, tuple) and len(name) >= 2:
@@ -160,6 +193,10 @@ class _Receiver(asyncio.BufferedProtocol):
         self._filled = 0
         self._goodbye = False
         self._done = False  # reported or closed on purpose: no more sink calls
+        # Large payloads: received by this connection's lane while the loop leaves the socket alone.
+        self._bulk = owner._bulk_bytes if owner._config.ssl_server is None else 0
+        self._lane: Lane | None = None
+        self._job: asyncio.Future[None] | None = None  # the lane is receiving the rest of _dst
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -203,6 +240,7 @@ class _Receiver(asyncio.BufferedProtocol):
             reason = f"{type(exc).__name__}: {exc}" if exc else "closed"
             self._lost(TransportError(f"connection from rank {self.peer} lost: {reason}"))
         self._release()
+        self._end_lane()
         self._owner._incoming.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -219,7 +257,8 @@ class _Receiver(asyncio.BufferedProtocol):
                     self._start += take
                     self._filled += take
                 if self._filled < len(self._dst):
-                    break  # the rest of the payload is read straight into _dst
+                    self._offload()
+                    break  # the rest of the payload is read straight into _dst, here or by the lane
                 self._deliver()
                 continue
             if self._goodbye and self._end > self._start:
@@ -259,6 +298,45 @@ class _Receiver(asyncio.BufferedProtocol):
             self._received(key, buffer)
             return
         self._key, self._buffer, self._dst, self._filled = key, buffer, dst, 0
+
+    def _offload(self) -> None:
+        """Hand the rest of a large payload to the lane; the loop stops reading until it is in."""
+        assert self._dst is not None
+        if not self._bulk or len(self._dst) - self._filled < self._bulk:
+            return
+        if self._lane is None:
+            self._lane = self._owner._new_lane(self._transport, f"aiocoll-tcp-recv-{self._owner.rank}<{self.peer}")
+            if self._lane is None:
+                self._bulk = 0
+                return
+        self._transport.pause_reading()
+        job = self._job = self._lane.submit(recv_all, self._dst[self._filled :])
+        job.add_done_callback(self._offloaded)
+
+    def _offloaded(self, job: asyncio.Future[None]) -> None:
+        self._job = None
+        exc = job.exception()
+        if self._done:
+            return  # dropped or closed meanwhile: the frame goes nowhere
+        if exc is not None:
+            if isinstance(exc, PeerClosed):
+                reason = f"rank {self.peer} closed the connection in the middle of a frame"
+            else:
+                reason = f"connection from rank {self.peer} lost in the middle of a frame: {type(exc).__name__}: {exc}"
+            self._lost(TransportError(reason))
+            self._transport.abort()
+            return
+        assert self._dst is not None
+        self._filled = len(self._dst)
+        self._deliver()
+        if not self._done:
+            self._transport.resume_reading()
+
+    def _end_lane(self) -> None:
+        if self._lane is not None:
+            if self._job is not None:
+                self._lane.interrupt()  # its thread may wait for bytes that will never come
+            self._lane.close()
 
     def _deliver(self) -> None:
         key, buffer = self._key, self._buffer
@@ -313,6 +391,7 @@ class _Receiver(asyncio.BufferedProtocol):
     def abort(self) -> None:
         self._done = True
         self._release()
+        self._end_lane()
         self._transport.abort()
 
 
@@ -337,6 +416,10 @@ class TcpConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._goodbye = False
         self._reported = False
+        # Large payloads: written by this connection's lane (see _tcp_lane).
+        self._bulk = owner._bulk_bytes if owner._config.ssl_client is None else 0
+        self._lane: Lane | None = None
+        self._job: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def send(self, key: bytes, payload: Buffer) -> None:
@@ -362,9 +445,25 @@ class TcpConnection(asyncio.Protocol):
             self._check_intact()
             t = self._transport
             total = data.nbytes
+            header = _PREFIX.pack(_FRAME, total) + bytes(key)
+            if self._bulk and total >= self._bulk:
+                if self._lane is None:
+                    self._lane = self._owner._new_lane(t, f"aiocoll-tcp-send-{self._owner.rank}>{self.peer}")
+                    if self._lane is None:
+                        self._bulk = 0
+                if self._lane is not None:
+                    await self._send_on_lane(self._lane, header, data)
+                    return
             written = 0
             try:
-                t.write(_PREFIX.pack(_FRAME, total) + bytes(key))
+                if total <= _COALESCE:
+                    # One write, so one system call and one segment: with TCP_NODELAY each
+                    # write leaves at once, and on loopback each wakes the receiver once more.
+                    t.write(header + data)
+                    written = total
+                    await self._drain(last=True)
+                    return
+                t.write(header)
                 # Why slices and a drain after each: transport.write() keeps what the kernel did
                 # not take at once. The 3.11 selector loop copies it into a bytearray; 3.12+ and
                 # uvloop keep a reference to our memoryview, so returning before the transport's
@@ -385,6 +484,32 @@ class TcpConnection(asyncio.Protocol):
                     self._break("a send was cancelled in the middle of a frame")
                     t.abort()
                 raise
+
+    async def _send_on_lane(self, lane: Lane, header: bytes, data: memoryview) -> None:
+        # The transport holds no unsent byte here (every send drains before it lets go of the
+        # lock), so the lane's bytes follow the previous frame's on the wire.
+        job = self._job = lane.submit(send_all, (memoryview(header), data))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if not job.done() or job.exception() is not None:
+                self._break("a send was cancelled in the middle of a frame")
+                lane.interrupt()
+                self._transport.abort()
+                # The thread may read the payload until the shutdown reaches it; the caller
+                # owns that memory again once we return.
+                await _settled(job)
+            raise
+        except Exception as exc:
+            reason = self._broken or f"{type(exc).__name__}: {exc}"
+            self._break(reason)
+            self._transport.abort()
+            raise TransportError(f"connection to rank {self.peer} at {self.address} is broken: {reason}") from exc
+        finally:
+            self._job = None
+        if self._goodbye:
+            return  # every byte is in the kernel; see _drain for why a goodbye is no failure
+        self._check_intact()
 
     async def _drain(self, last: bool = False) -> None:
         if self._paused and not self._broken:
@@ -473,8 +598,15 @@ class TcpConnection(asyncio.Protocol):
         self._break(reason)
         self._report_after_frames(TransportError(f"connection to rank {self.peer} at {self.address} lost: {reason}"))
         self._owner._outgoing.discard(self)
+        self._end_lane()
         if not self.closed.done():
             self.closed.set_result(None)
+
+    def _end_lane(self) -> None:
+        if self._lane is not None:
+            if self._job is not None:
+                self._lane.interrupt()
+            self._lane.close()
 
     # -- closing
 
@@ -512,6 +644,7 @@ class TcpConnection(asyncio.Protocol):
         """Close at once, dropping unsent data. Idempotent."""
         self._closing = True
         self._break("aborted")
+        self._end_lane()
         self._transport.abort()
 
 
@@ -532,6 +665,8 @@ class TcpTransport:
         self._config = config
         self._timeout = config.timeout
         self._buffer_size = int(config.options.get("socket_buffer", _DEFAULT_SOCKET_BUFFER))
+        self._bulk_bytes = _bulk_bytes(config.options)
+        self._lanes: set[Lane] = set()
         self._hello = _HELLO.pack(config.rank, config.world_size)
         self._sink: FrameSink | None = None
         self._server: asyncio.Server | None = None
@@ -772,6 +907,32 @@ class TcpTransport:
         except Exception:  # a broken sink must not take the event loop's callback down
             _log.exception("rank %d: sink.peer_lost(%d) raised", self.rank, peer)
 
+    def _new_lane(self, transport: asyncio.BaseTransport, name: str) -> Lane | None:
+        """A lane on ``transport``'s socket, or None where there is none to duplicate."""
+        if self._closing:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            lane = Lane(sock.fileno(), name)
+        except (OSError, RuntimeError) as exc:  # out of descriptors or threads: the loop does it
+            _log.warning("rank %d: no I/O thread for large frames (%s); the event loop moves them", self.rank, exc)
+            return None
+        self._lanes.add(lane)
+        return lane
+
+    async def _join_lanes(self) -> None:
+        """Wait until every lane's thread has ended (they end once their connection does)."""
+        for lane in list(self._lanes):
+            lane.close()
+            if not await lane.wait_closed(self._timeout):
+                lane.interrupt()
+                if not await lane.wait_closed(1.0):
+                    _log.warning("rank %d: an I/O thread of the tcp transport did not end", self.rank)
+                    continue
+            self._lanes.discard(lane)
+
     def _receiving_from(self, peer: int) -> bool:
         return any(r.peer == peer and r.receiving for r in self._incoming)
 
@@ -809,6 +970,7 @@ class TcpTransport:
             await asyncio.gather(*(receiver.aclose(self._timeout) for receiver in list(self._incoming)))
             if self._server is not None:
                 await self._server.wait_closed()
+            await self._join_lanes()
         except BaseException:
             self.abort()
             raise
@@ -826,6 +988,22 @@ class TcpTransport:
             conn.abort()
         for receiver in list(self._incoming):
             receiver.abort()
+        for lane in list(self._lanes):
+            lane.interrupt()
+            lane.close()
+
+
+async def _settled(fut: asyncio.Future[None]) -> None:
+    """Wait until ``fut`` is done, whatever cancels the caller meanwhile (re-raised by the caller)."""
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            return
+    if not fut.cancelled():
+        fut.exception()
 
 
 __all__ = ["HEADER_SIZE", "TcpConnection", "TcpTransport", "format_address", "parse_address"]

@@ -165,6 +165,8 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("AIOCOLL_INSECURE", "0", "1: start without a shared secret (anyone who reaches the store can join)", "init"),
     ("AIOCOLL_HOST", "127.0.0.1", "address to listen on and advertise", "init"),
     ("AIOCOLL_JOB_ID", "set by aiocoll run", "names this job's shared-memory objects, for cleanup", "aiocoll run (sets it), shm segments"),
+    ("AIOCOLL_TCP_BULK_BYTES", "262144", "tcp frames from this size move on a thread per connection (0: never)",
+     "the tcp transport"),
     ("AIOCOLL_LOOP", "uvloop if installed", "event loop for aiocoll run and the sync API: asyncio or uvloop", "aiocoll run, sync API"),
     ("AIOCOLL_ALGO_<COLLECTIVE>", "by size", "force an algorithm: " + "; ".join(
         f"{k.upper()}: {'/'.join(v)}" for k, v in ALGORITHMS.items()), "Settings.from_env (init)"),
