@@ -21,7 +21,7 @@ def test_from_env_reads_every_engine_variable() -> None:
         "AIOCOLL_SHM_FASTPATH": "off",
         "AIOCOLL_SHM_FASTPATH_MIN_BROADCAST": "4096",
         "AIOCOLL_SHM_PART_BYTES": "65536",
-        "AIOCOLL_SHM_DEPTH": "2",
+        "AIOCOLL_SHM_DEPTH": "3",
         "AIOCOLL_SHM_DIRECT_MAX": "0x100",
         "AIOCOLL_SHM_THREAD_MIN": "1",
         "AIOCOLL_SHM_SPIN_US": "0",
@@ -29,7 +29,7 @@ def test_from_env_reads_every_engine_variable() -> None:
     })
     assert dict(s.algorithms) == {"all_reduce": "ring"}
     assert not s.shm_engine and dict(s.shm_engine_min_bytes) == {"broadcast": 4096}
-    assert (s.shm_part_bytes, s.shm_depth, s.shm_direct_max, s.shm_thread_min) == (65536, 2, 256, 1)
+    assert (s.shm_part_bytes, s.shm_depth, s.shm_direct_max, s.shm_thread_min) == (65536, 3, 256, 1)
     assert s.shm_spin_us == 0 and not s.shm_spin_yield
     assert Settings.from_env({}) == Settings()
 

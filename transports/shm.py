@@ -52,7 +52,7 @@ from typing import Any, ClassVar, cast
 
 from aiocoll.core import auth as _auth
 from aiocoll.core.errors import HandshakeError, TransportError
-from aiocoll.sharedmem.doorbell import SLEEP_SLICE_S, SPIN_S, check_memory_model, fence, spin_until
+from aiocoll.sharedmem.doorbell import SLEEP_SLICE_S, SPIN_S, check_memory_model, fence, spin_until, usable_cpus
 from aiocoll.transports._shm_ring import FRAME_HEADER, Ring, RingError, check_capacity, padded, segment_size
 from aiocoll.sharedmem.segment import create_anonymous, map_fd, sweep_stale
 
@@ -79,13 +79,6 @@ DEFAULT_RING_BYTES = 4 << 20
 _PIECE = 1 << 20
 # Most bytes the reader moves per event-loop callback before giving other callbacks a turn.
 _PUMP_BUDGET = 16 << 20
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def format_address(name: str) -> str:
@@ -539,7 +532,7 @@ class ShmTransport:
             self.spin_s = float(options["spin_us"]) * 1e-6
         else:
             # With more ranks than cores a spinning reader only delays the writer it waits for.
-            self.spin_s = SPIN_S if _usable_cpus() >= min(config.world_size, 64) else 0.0
+            self.spin_s = SPIN_S if usable_cpus() >= min(config.world_size, 64) else 0.0
         self._sink: FrameSink | None = None
         self._listener: socket.socket | None = None
         self._address = ""

@@ -82,7 +82,8 @@ def check_op_dtype(op: ReduceOp, code: WireDtype) -> None:
         raise ValueError("avg is not defined for bool; use sum (logical or) or min/max")
 
 
-_UFUNC: dict[ReduceOp, Any] = {
+#: The numpy function of each op (AVG sums: the caller divides afterwards).
+UFUNCS: dict[ReduceOp, Any] = {
     ReduceOp.SUM: np.add,
     ReduceOp.AVG: np.add,
     ReduceOp.PRODUCT: np.multiply,
@@ -111,10 +112,10 @@ def _f32_to_bf16(f: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
 def reduce_into(op: ReduceOp, code: WireDtype, acc: np.ndarray[Any, Any], other: np.ndarray[Any, Any]) -> None:
     """acc = op(acc, other), elementwise, in place. Both are arrays of the same shape."""
     if code == WireDtype.BFLOAT16:
-        result = _UFUNC[op](_bf16_to_f32(acc), _bf16_to_f32(other))
+        result = UFUNCS[op](_bf16_to_f32(acc), _bf16_to_f32(other))
         _f32_to_bf16(result, acc)
         return
-    _UFUNC[op](acc, other, out=acc)
+    UFUNCS[op](acc, other, out=acc)
 
 
 def finish_avg(code: WireDtype, acc: np.ndarray[Any, Any], count: int) -> None:

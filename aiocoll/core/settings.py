@@ -45,7 +45,8 @@ class Settings:
             (``AIOCOLL_SHM_FASTPATH_MIN_<COLLECTIVE>``; default 0: every size).
         shm_part_bytes: bytes each member owns per pipeline round (``AIOCOLL_SHM_PART_BYTES``;
             0: chosen from the group's size).
-        shm_depth: rounds in flight in the pipelines (``AIOCOLL_SHM_DEPTH``).
+        shm_depth: slots of the pipelines, 3 to 8 (``AIOCOLL_SHM_DEPTH``): fewer cannot work,
+            since the all_reduce pipeline keeps three rounds in flight.
         shm_direct_max: payloads up to this size use the one-round algorithms
             (``AIOCOLL_SHM_DIRECT_MAX``).
         shm_thread_min: operations from this size run in the engine's worker thread
@@ -77,8 +78,10 @@ class Settings:
         _non_negative("shm_part_bytes", self.shm_part_bytes)
         _non_negative("shm_direct_max", self.shm_direct_max)
         _non_negative("shm_thread_min", self.shm_thread_min)
-        if isinstance(self.shm_depth, bool) or not isinstance(self.shm_depth, int) or self.shm_depth < 1:
-            raise ValueError(f"Settings.shm_depth must be a positive integer, got {self.shm_depth!r}")
+        if isinstance(self.shm_depth, bool) or not isinstance(self.shm_depth, int) or not 3 <= self.shm_depth <= 8:
+            # 3: the all_reduce pipeline keeps three rounds in flight (aiocoll.engines.shm.layout.MIN_DEPTH);
+            # 8: the descriptor slots of a member's control block.
+            raise ValueError(f"Settings.shm_depth must be an integer from 3 to 8, got {self.shm_depth!r}")
         if not isinstance(self.shm_spin_us, (int, float)) or not 0 <= self.shm_spin_us < 1e7:
             raise ValueError(f"Settings.shm_spin_us must be a number of microseconds >= 0, got {self.shm_spin_us!r}")
         # Frozen all the way down: a world's settings cannot change under running collectives.
@@ -173,7 +176,7 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("AIOCOLL_SHM_FASTPATH", "on", "run same-host groups on the shared-memory engine", "Settings.from_env (init)"),
     ("AIOCOLL_SHM_FASTPATH_MIN_<COLLECTIVE>", "0", "smallest per-member bytes the shm engine takes (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST)", "Settings.from_env (init)"),
     ("AIOCOLL_SHM_PART_BYTES", "by group size", "bytes each member owns per shm pipeline round", "Settings.from_env (init)"),
-    ("AIOCOLL_SHM_DEPTH", "4", "shm pipeline rounds in flight", "Settings.from_env (init)"),
+    ("AIOCOLL_SHM_DEPTH", "4", "shm pipeline slots, 3 to 8 (rounds in flight)", "Settings.from_env (init)"),
     ("AIOCOLL_SHM_DIRECT_MAX", "32768", "shm payloads up to this size use one-round algorithms", "Settings.from_env (init)"),
     ("AIOCOLL_SHM_THREAD_MIN", "never", "shm operations from this size run in the engine's worker thread", "Settings.from_env (init)"),
     ("AIOCOLL_SHM_SPIN_US", "200", "microseconds a waiting shm member spins before sleeping (0: never)", "Settings.from_env (init)"),

@@ -72,6 +72,14 @@ def fence() -> None:
     _fence_lock.release()
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on: spinning pays only when every waiter has one."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def spin_until(ready: Callable[[T], bool], arg: T, seconds: float, yield_cpu: bool = True) -> bool:
     """Poll ``ready(arg)`` for up to ``seconds``; True as soon as it holds.
 
@@ -171,4 +179,4 @@ class Doorbell:
         self._tx.close()
 
 
-__all__ = ["Doorbell", "SLEEP_SLICE_S", "SPIN_S", "check_memory_model", "fence", "spin_until"]
+__all__ = ["Doorbell", "SLEEP_SLICE_S", "SPIN_S", "check_memory_model", "fence", "spin_until", "usable_cpus"]

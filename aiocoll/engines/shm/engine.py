@@ -72,8 +72,8 @@ from ...core.errors import (
     TransportError,
 )
 from ...arrays.ops import ReduceOp
-from ...sharedmem.doorbell import SLEEP_SLICE_S, Doorbell, fence, spin_until
-from .layout import A, B, F, GroupSegment, peek, segment_bytes
+from ...sharedmem.doorbell import SLEEP_SLICE_S, Doorbell, fence, spin_until, usable_cpus
+from .layout import RELEASED, REDUCED, STAGED, GroupSegment, peek, segment_bytes
 from ...sharedmem.segment import create_anonymous, map_fd
 from ...core.wire import Call, FrameKey, Kind, kind_name
 from .. import scope
@@ -117,13 +117,6 @@ def default_part_bytes(world: int, depth: int = 4, chosen: int = 0) -> int:
 def default_direct_max(world: int, part: int, limit: int = 32 << 10) -> int:
     """Largest all_reduce done in one round, every member reducing everything."""
     return min(limit, world * part)
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _differences(mine: tuple[int, ...], theirs: tuple[int, ...], me: str, them: str) -> list[str]:
@@ -198,7 +191,7 @@ class ShmEngine:
         # Spinning only pays when every member has a core of its own: with more members than
         # cores (or all of them as tasks of this very process) the spinner steals the time of
         # the member it waits for.
-        own_cores = _usable_cpus() >= self.size and not group.world.shares_process
+        own_cores = usable_cpus() >= self.size and not group.world.shares_process
         self.spin_s = settings.shm_spin_us * 1e-6 if own_cores else 0.0
         self.spin_yield = settings.shm_spin_yield
 
@@ -302,7 +295,7 @@ class ShmEngine:
                     # behind: a broadcast root, for one, waits for nobody.
                     base = self._base
                     if base >= seg.depth:
-                        reuse = algo.Wait(F, base - seg.depth + 1, self._others)
+                        reuse = algo.Wait(RELEASED, base - seg.depth + 1, self._others)
                         if not self._satisfied(reuse):
                             await self._wait_async(reuse, active, deadline)
                     if small is not None and nbytes <= seg.direct_max:
@@ -400,8 +393,8 @@ class ShmEngine:
         others = self._others
         n = x.size
         np.copyto(self._views(x.dtype, slot)[self.rank][:n], x)
-        self._publish((A,), g + 1)
-        arrived = algo.Wait(A, g + 1, others, first=True)
+        self._publish((STAGED,), g + 1)
+        arrived = algo.Wait(STAGED, g + 1, others, first=True)
         if not self._satisfied(arrived):
             # No view of the segment is held across this wait: an error raised here keeps this
             # frame alive in its traceback, and a view in it would keep the segment mapped
@@ -412,7 +405,7 @@ class ShmEngine:
         if n:
             # Own input from the slot too: ``out`` may be ``x`` (all_reduce with out=x).
             algo.fold(op, code, [v[:n] for v in self._views(x.dtype, slot)], out)
-        self._publish((B, F), g + 1)
+        self._publish((REDUCED, RELEASED), g + 1)
 
     def _timeout_error(self, active: ActiveOp, name: str, timeout: float) -> CollectiveTimeoutError:
         w, seg = self._waiting, self._seg

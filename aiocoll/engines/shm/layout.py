@@ -5,9 +5,9 @@ One segment per group, made by group rank 0 and mapped by every member::
     0            header: magic, version, world, part bytes C, depth D, size, the largest
                  one-round all_reduce, group id, setup token (one page)
     4096         control block of each member, 1024 bytes, written by that member only:
-                   +0   A  rounds whose input this member has published
-                   +64  B  rounds whose reduced part this member has published
-                   +128 F  rounds this member has finished reading from everyone
+                   +0   STAGED    rounds whose input this member has published
+                   +64  REDUCED   rounds whose reduced part this member has published
+                   +128 RELEASED  rounds this member has finished reading from everyone
                    +192 sleeping: 1 while this member sleeps on its doorbell
                    +256 pid, attached flag
                    +320 doorbell name (64 bytes, NUL padded)
@@ -17,9 +17,9 @@ One segment per group, made by group rank 0 and mapped by every member::
     data         per member, page aligned: stage[D][W*C] then result[D][C]
 
 Counters only grow, in "rounds" (one pipelined step of an operation), and every operation
-advances each member's A, B and F by its number of rounds, so all members agree on where an
+advances each member's STAGED, REDUCED and RELEASED by its number of rounds, so all members agree on where an
 operation's rounds start without talking. Round g uses buffer slot g mod D; before a member
-overwrites slot s it waits until every other member's F has passed the round that last used it.
+overwrites slot s it waits until every other member's RELEASED has passed the round that last used it.
 The same wait protects descriptor slot s, so a member that runs ahead (a broadcast root waits
 for nobody) cannot overwrite a descriptor that a slower member has yet to check.
 
@@ -45,10 +45,17 @@ VERSION = 2
 PAGE = 4096
 CTRL_BYTES = 1024
 MAX_DEPTH = 8
+#: Fewest slots that work: the all_reduce pipeline has three rounds in flight (copy-in of round
+#: k, reduction of k-1, copy-out of k-2), and a slot is reused only once its round is released;
+#: with fewer slots every member waits for the others' copy-out, which waits for its own.
+MIN_DEPTH = 3
 _HEADER = struct.Struct("<10Q")  # magic, version, world, part, depth, size, direct_max, gid, token, reserved
 
 # u64 offsets inside a control block
-A, B, F = 0, 8, 16
+#: The three progress counters of a member (u64 offsets in its control block), all in rounds:
+#: STAGED, its input for a round is in its staging slot; REDUCED, its reduced part of a round is
+#: in its result area; RELEASED, it has finished reading everyone's slots of a round.
+STAGED, REDUCED, RELEASED = 0, 8, 16
 _SLEEPING = 24
 _PID, _ATTACHED = 32, 33
 _BELL_BYTE = 320
@@ -78,7 +85,7 @@ class GroupSegment:
 
     def __init__(
         self,
-        mm: mmap.mmap,
+        mm: mmap.mmap | bytearray,
         *,
         world: int | None = None,
         part: int = 0,
@@ -97,8 +104,10 @@ class GroupSegment:
         self._mm = mm
         raw = memoryview(mm)
         if world is not None:
-            if not 1 <= depth <= MAX_DEPTH or part <= 0 or part % PAGE:
-                raise ValueError(f"bad segment geometry: part {part} (a multiple of {PAGE}), depth {depth} (1..{MAX_DEPTH})")
+            if not MIN_DEPTH <= depth <= MAX_DEPTH or part <= 0 or part % PAGE:
+                raise ValueError(
+                    f"bad segment geometry: part {part} (a multiple of {PAGE}), depth {depth} ({MIN_DEPTH}..{MAX_DEPTH})"
+                )
             size = segment_bytes(world, part, depth)
             _HEADER.pack_into(raw, 0, 0, VERSION, world, part, depth, size, direct_max, gid, token, 0)
             raw[:8] = MAGIC.to_bytes(8, "little")  # last: the header is whole once this is set
@@ -189,8 +198,11 @@ class GroupSegment:
         self.result = []
         self._q.release()
         self._ctrl_raw.release()
+        close = getattr(self._mm, "close", None)  # a plain bytearray (aiocoll.testing) has none
+        if close is None:
+            return True
         try:
-            self._mm.close()
+            close()
         except BufferError:
             return False
         return True
@@ -211,4 +223,4 @@ def peek(fd: int) -> tuple[int, int, int] | None:
     return int(gid), int(token), int(size)
 
 
-__all__ = ["A", "B", "F", "DESC_WORDS", "MAX_DEPTH", "GroupSegment", "peek", "segment_bytes"]
+__all__ = ["STAGED", "REDUCED", "RELEASED", "DESC_WORDS", "MAX_DEPTH", "MIN_DEPTH", "GroupSegment", "peek", "segment_bytes"]

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from ...arrays.dtypes import WireDtype
-from ...arrays.ops import ReduceOp, reduce_into
-from .layout import A, B, F, GroupSegment
+from ...algorithms import chunk_bounds
+from ...arrays.ops import UFUNCS, ReduceOp, reduce_into
+from .layout import RELEASED, REDUCED, STAGED, GroupSegment
 
 Array = np.ndarray[Any, Any]
 
@@ -90,18 +91,6 @@ class Context:
         return tuple(p for p in range(self.seg.world) if p != self.rank)
 
 
-_UFUNC: dict[ReduceOp, Any] = {
-    ReduceOp.SUM: np.add,
-    ReduceOp.AVG: np.add,  # the caller divides afterwards
-    ReduceOp.PRODUCT: np.multiply,
-    ReduceOp.MIN: np.minimum,
-    ReduceOp.MAX: np.maximum,
-    ReduceOp.BAND: np.bitwise_and,
-    ReduceOp.BOR: np.bitwise_or,
-    ReduceOp.BXOR: np.bitwise_xor,
-}
-
-
 def combine(op: ReduceOp, code: WireDtype, a: Array, b: Array, out: Array) -> None:
     """out = op(a, b) elementwise; ``out`` may be ``a``."""
     if code == WireDtype.BFLOAT16:
@@ -109,23 +98,13 @@ def combine(op: ReduceOp, code: WireDtype, a: Array, b: Array, out: Array) -> No
             np.copyto(out, a)
         reduce_into(op, code, out, b)
     else:
-        _UFUNC[op](a, b, out=out)
+        UFUNCS[op](a, b, out=out)
 
 
 def fold(op: ReduceOp, code: WireDtype, sources: list[Array], out: Array) -> None:
     combine(op, code, sources[0], sources[1], out)
     for src in sources[2:]:
         combine(op, code, out, src, out)
-
-
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    q, rem = divmod(n, parts)
-    bounds, lo = [], 0
-    for p in range(parts):
-        hi = lo + q + (1 if p < rem else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
 
 
 def _rounds(n: int, per_round: int) -> int:
@@ -138,7 +117,7 @@ def _bytes(a: Array) -> Array:
 
 def _reuse(ctx: Context, g: int) -> Wait:
     """Wait until everyone has finished with the round that last used round g's slot."""
-    return Wait(F, g - ctx.seg.depth + 1, ctx.others)
+    return Wait(RELEASED, g - ctx.seg.depth + 1, ctx.others)
 
 
 # --------------------------------------------------------------------------- all_reduce
@@ -148,12 +127,12 @@ def all_reduce_direct(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, out
     nb = x.nbytes
     yield _reuse(ctx, g)
     seg.stage[r][slot][:nb] = _bytes(x)
-    ctx.publish((A,), g + 1)
-    yield Wait(A, g + 1, ctx.others, first=True)
+    ctx.publish((STAGED,), g + 1)
+    yield Wait(STAGED, g + 1, ctx.others, first=True)
     if x.size:
         # Own input from the slot too: ``out`` may be ``x`` (all_reduce with out=x).
         fold(op, code, [seg.stage[p][slot][:nb].view(x.dtype) for p in range(ctx.world)], out)
-    ctx.publish((B, F), g + 1)
+    ctx.publish((REDUCED, RELEASED), g + 1)
     return 1
 
 
@@ -169,7 +148,7 @@ def all_reduce_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, 
 
     def parts(k: int) -> list[tuple[int, int]]:
         lo = k * per_round
-        return [(lo + a, lo + b) for a, b in _split(min(per_round, n - lo), W)]
+        return [(lo + a, lo + b) for a, b in chunk_bounds(min(per_round, n - lo), W)]
 
     def copy_in(k: int) -> Algorithm:
         g = ctx.base + k
@@ -178,13 +157,13 @@ def all_reduce_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, 
         for p, (lo, hi) in enumerate(parts(k)):
             if p != r:
                 st[p * C : p * C + (hi - lo) * s] = xb[lo * s : hi * s]
-        ctx.publish((A,), g + 1)
+        ctx.publish((STAGED,), g + 1)
         return 0
 
     def reduce(k: int) -> Algorithm:
         g = ctx.base + k
         slot = g % D
-        yield Wait(A, g + 1, others, first=(k == 0))
+        yield Wait(STAGED, g + 1, others, first=(k == 0))
         lo, hi = parts(k)[r]
         m = hi - lo
         if m:
@@ -196,17 +175,17 @@ def all_reduce_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Array, 
             res = seg.result[r][slot][: m * s]
             fold(op, code, sources, res.view(x.dtype))
             ob[lo * s : hi * s] = res
-        ctx.publish((B,), g + 1)
+        ctx.publish((REDUCED,), g + 1)
         return 0
 
     def copy_out(k: int) -> Algorithm:
         g = ctx.base + k
         slot = g % D
-        yield Wait(B, g + 1, others)
+        yield Wait(REDUCED, g + 1, others)
         for p, (lo, hi) in enumerate(parts(k)):
             if p != r:
                 ob[lo * s : hi * s] = seg.result[p][slot][: (hi - lo) * s]
-        ctx.publish((F,), g + 1)
+        ctx.publish((RELEASED,), g + 1)
         return 0
 
     # Software pipeline: copy-in of round i, reduction of round i-1, copy-out of round i-2.
@@ -241,13 +220,13 @@ def reduce_scatter_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Arr
         st = seg.stage[r][g % D]
         for p in others:
             st[p * C : p * C + (hi - lo) * s] = xb[(p * m + lo) * s : (p * m + hi) * s]
-        ctx.publish((A,), g + 1)
+        ctx.publish((STAGED,), g + 1)
         return 0
 
     def reduce(k: int) -> Algorithm:
         g = ctx.base + k
         slot = g % D
-        yield Wait(A, g + 1, others, first=(k == 0))
+        yield Wait(STAGED, g + 1, others, first=(k == 0))
         lo, hi = chunk(k)
         if hi > lo:
             sources = [
@@ -255,7 +234,7 @@ def reduce_scatter_pipelined(ctx: Context, op: ReduceOp, code: WireDtype, x: Arr
                 for p in range(W)
             ]
             fold(op, code, sources, out[lo:hi])
-        ctx.publish((B, F), g + 1)
+        ctx.publish((REDUCED, RELEASED), g + 1)
         return 0
 
     return (yield from _two_stage(R, copy_in, reduce))
@@ -280,19 +259,19 @@ def all_gather_pipelined(ctx: Context, x: Array, out: Array) -> Algorithm:
         yield _reuse(ctx, g)
         lo, hi = chunk(k)
         seg.stage[r][g % D][: (hi - lo) * s] = xb[lo * s : hi * s]
-        ctx.publish((A,), g + 1)
+        ctx.publish((STAGED,), g + 1)
         ob[(r * n + lo) * s : (r * n + hi) * s] = xb[lo * s : hi * s]
         return 0
 
     def copy_out(k: int) -> Algorithm:
         g = ctx.base + k
         slot = g % D
-        yield Wait(A, g + 1, others, first=(k == 0))
+        yield Wait(STAGED, g + 1, others, first=(k == 0))
         lo, hi = chunk(k)
         for p in range(W):
             if p != r:
                 ob[(p * n + lo) * s : (p * n + hi) * s] = seg.stage[p][slot][: (hi - lo) * s]
-        ctx.publish((B, F), g + 1)
+        ctx.publish((REDUCED, RELEASED), g + 1)
         return 0
 
     return (yield from _two_stage(R, copy_in, copy_out))
@@ -303,10 +282,10 @@ def broadcast_pipelined(ctx: Context, root: int, buf: Array) -> Algorithm:
     """Copy member ``root``'s ``buf`` into everyone's ``buf``.
 
     In the first round every member also waits for every other to arrive and checks its
-    descriptor (members that are not the root publish A on arrival, as the other collectives'
+    descriptor (members that are not the root publish STAGED on arrival, as the other collectives'
     members do once their input is in): otherwise the root, which needs nobody, would finish
     whatever the others called (another collective, another root), and so would members that
-    took themselves for roots. The root publishes F of that round only after its check, so
+    took themselves for roots. The root publishes RELEASED of that round only after its check, so
     nobody reuses the descriptor slot before it has been read.
     """
     seg, r, D = ctx.seg, ctx.rank, ctx.seg.depth
@@ -323,19 +302,19 @@ def broadcast_pipelined(ctx: Context, root: int, buf: Array) -> Algorithm:
             yield _reuse(ctx, g)
             seg.stage[r][slot][: (hi - lo) * s] = bb[lo * s : hi * s]
             if k == 0:
-                ctx.publish((A,), g + 1)
-                yield Wait(A, g + 1, ctx.others, first=True)
-                ctx.publish((B, F), g + 1)
+                ctx.publish((STAGED,), g + 1)
+                yield Wait(STAGED, g + 1, ctx.others, first=True)
+                ctx.publish((REDUCED, RELEASED), g + 1)
             else:
-                ctx.publish((A, B, F), g + 1)
+                ctx.publish((STAGED, REDUCED, RELEASED), g + 1)
         else:
             if k == 0:
-                ctx.publish((A,), g + 1)
-                yield Wait(A, g + 1, ctx.others, first=True)
+                ctx.publish((STAGED,), g + 1)
+                yield Wait(STAGED, g + 1, ctx.others, first=True)
             else:
-                yield Wait(A, g + 1, (root,))
+                yield Wait(STAGED, g + 1, (root,))
             bb[lo * s : hi * s] = seg.stage[root][slot][: (hi - lo) * s]
-            ctx.publish((A, B, F), g + 1)
+            ctx.publish((STAGED, REDUCED, RELEASED), g + 1)
     return R
 
 
