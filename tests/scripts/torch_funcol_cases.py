@@ -81,13 +81,16 @@ class TorchBackendExtras(MultiThreadedTestCase):
     def test_coalescing_managers(self):
         r, w = dist.get_rank(), self.world_size
         xs = [[data(p, (5,), seed=s) for p in range(w)] for s in range(3)]
-        mine = [x[r].clone() for x in xs]
-        with dist._coalescing_manager(device=torch.device("cpu"), async_ops=True) as cm:
-            for t in mine:
-                dist.all_reduce(t)
-        cm.wait()
-        for t, x in zip(mine, xs):
-            self.assertEqual(t, sum(x))
+        # gloo coalesces only without a device (through allreduce_coalesced); aiocoll both ways
+        devices = [None] + ([torch.device("cpu")] if dist.get_backend() == "aiocoll" else [])
+        for device in devices:
+            mine = [x[r].clone() for x in xs]
+            with dist._coalescing_manager(device=device, async_ops=True) as cm:
+                for t in mine:
+                    dist.all_reduce(t)
+            cm.wait()
+            for t, x in zip(mine, xs):
+                self.assertEqual(t, sum(x))
         peer = 1 - r
         out = torch.empty(5, dtype=torch.float64)
         ops = [dist.P2POp(dist.isend, xs[0][r], peer), dist.P2POp(dist.irecv, out, peer)]
@@ -116,4 +119,5 @@ class MetaBeforeInit(TestCase):
     def test_shapes_without_a_group(self):
         x = torch.empty((2, 3, 4), device="meta")
         self.assertEqual(ft_c.all_reduce(x, "sum", "0").shape, x.shape)
-        self.assertEqual(ft_c.all_gather_tensor(x, 1, [0, 1, 2]).shape, (2, 9, 4))
+        if ft_c.__name__ == "aiocoll.torch":  # torch's needs an initialised group for a rank list
+            self.assertEqual(ft_c.all_gather_tensor(x, 1, [0, 1, 2]).shape, (2, 9, 4))
