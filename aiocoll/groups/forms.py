@@ -52,8 +52,8 @@ class MeshDimError(ValueError, AssertionError):
 
 def _only_1d(ndim: int) -> MeshDimError:
     return MeshDimError(
-        f"Only 1D mesh stands for a group by itself: this mesh has {ndim} dimensions, each holding a "
-        "group; pass (mesh, dim) to say which"
+        f"Only 1D mesh stands for a group by itself: a {ndim}-d DeviceMesh holds a group per dimension; "
+        "pass (mesh, dim) to say which"
     )
 
 
