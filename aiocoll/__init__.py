@@ -13,23 +13,43 @@ installed with, ``torch`` and ``testing``. Errors: see ``aiocoll.core.errors`` f
 
 from __future__ import annotations
 
-from .collectives.tensors import (
-    all_gather,
-    all_gather_coalesced,
-    all_reduce,
-    all_reduce_coalesced,
-    all_to_all,
-    barrier,
-    broadcast,
-    gather,
-    permute,
-    recv,
-    reduce,
-    reduce_scatter,
-    reduce_scatter_coalesced,
-    scatter,
-    send,
-)
+from typing import TYPE_CHECKING
+
+from .collectives.tensors import barrier, send
+
+if TYPE_CHECKING:
+    # What the checker sees: overloads that keep the array type and name the ops (collectives/_typing.pyi).
+    from .collectives._typing import (
+        all_gather,
+        all_gather_coalesced,
+        all_reduce,
+        all_reduce_coalesced,
+        all_to_all,
+        broadcast,
+        gather,
+        permute,
+        recv,
+        reduce,
+        reduce_scatter,
+        reduce_scatter_coalesced,
+        scatter,
+    )
+else:
+    from .collectives.tensors import (
+        all_gather,
+        all_gather_coalesced,
+        all_reduce,
+        all_reduce_coalesced,
+        all_to_all,
+        broadcast,
+        gather,
+        permute,
+        recv,
+        reduce,
+        reduce_scatter,
+        reduce_scatter_coalesced,
+        scatter,
+    )
 from .core.errors import (
     AiocollError,
     CollectiveError,

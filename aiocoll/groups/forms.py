@@ -5,6 +5,13 @@ global ranks, a 2-d list of equal-sized disjoint rank lists (each rank uses the 
 a 1-d DeviceMesh, or ``(DeviceMesh, dim)`` with dim an index or a name. Rank lists may be
 lists, tuples, ranges or numpy arrays.
 
+torch.distributed's own objects are accepted too, as PyTorch's functional collectives accept
+them: a ``torch.distributed.ProcessGroup``, its group name, a 1-d torch ``DeviceMesh`` and
+``(torch DeviceMesh, dim)``. A group of the "aiocoll" backend stands for the aiocoll group it
+runs on; a group of another backend for the aiocoll group of the same global ranks, found by
+the torch group's tag (``ptd:<n>`` or the tag it was made with), which every member computes
+alike. torch is never imported here: these forms exist only once the caller has imported it.
+
 ``expand_group`` follows ``torch.distributed._functional_collectives._expand_group``:
 ``(tag, ranks, group_size)``, where a 2-d list flattens and group_size is one sublist's size.
 ``resolve_expanded`` is its inverse, run where the collective runs: this rank's chunk of
@@ -13,6 +20,7 @@ ranks, found by tag (created if new). ``resolve_group`` goes straight from a for
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,6 +42,80 @@ FORMS = (
 _LISTS = (list, tuple, range, np.ndarray)
 
 
+class MeshDimError(ValueError, AssertionError):
+    """An n-d mesh given where one group is meant (pass ``(mesh, dim)``).
+
+    A ValueError; also an AssertionError, which is what PyTorch's ``_expand_group`` raises for
+    an n-d torch DeviceMesh, so code written against torch catches it the same way.
+    """
+
+
+def _only_1d(ndim: int) -> MeshDimError:
+    return MeshDimError(
+        f"Only 1D mesh stands for a group by itself: a {ndim}-d DeviceMesh holds a group per dimension; "
+        "pass (mesh, dim) to say which"
+    )
+
+
+def _torch_dist() -> Any:
+    """``torch.distributed`` if the program has imported it (and it is available), else None."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available():
+        return None
+    return dist
+
+
+def torch_group(group: Any) -> Any:
+    """The ``torch.distributed.ProcessGroup`` that a torch form stands for, or None for other forms.
+
+    Torch forms: a torch ProcessGroup, a 1-d torch DeviceMesh, ``(torch DeviceMesh, dim)``, and
+    a string that names a torch group (only when no aiocoll group has that name: callers look
+    in aiocoll's registry first).
+
+    Raises:
+        MeshDimError: an n-d torch DeviceMesh without a dim.
+        ValueError / KeyError: a bad dim of a torch mesh (torch's own errors).
+    """
+    dist = _torch_dist()
+    if dist is None:
+        return None
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    if isinstance(group, str):
+        if not dist.is_initialized():
+            return None
+        from torch.distributed import distributed_c10d as c10d
+
+        try:
+            return c10d._resolve_process_group(group)  # type: ignore[attr-defined, arg-type]
+        except (ValueError, KeyError, RuntimeError):
+            return None
+    from torch.distributed.device_mesh import DeviceMesh as TorchMesh
+
+    if isinstance(group, TorchMesh):
+        if group.ndim != 1:
+            raise _only_1d(group.ndim)
+        return group.get_group(0)
+    if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], TorchMesh):
+        return group[0].get_group(group[1])
+    return None
+
+
+def torch_expanded(pg: Any, tag: str = "") -> tuple[str, list[int], int]:
+    """``(tag, global ranks, size)`` of a torch ProcessGroup, with torch's tag where ``tag`` is empty."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return tag or c10d._get_group_tag(pg), list(c10d.get_process_group_ranks(pg)), int(pg.size())
+
+
+def _from_torch(pg: Any, world: World, tag: str = "") -> ProcessGroup:
+    own = getattr(pg, "aiocoll_group", None)  # a group of the "aiocoll" backend
+    if isinstance(own, ProcessGroup):
+        return _own(own, world)
+    t, ranks, size = torch_expanded(pg, tag)
+    return resolve_expanded(t, ranks, size, world)
+
+
 def _is_mesh_pair(group: Any) -> bool:
     return isinstance(group, tuple) and len(group) > 0 and isinstance(group[0], DeviceMesh)
 
@@ -50,10 +132,7 @@ def _mesh_pair_group(group: tuple[Any, ...]) -> ProcessGroup:
 
 def _mesh_group(mesh: DeviceMesh) -> ProcessGroup:
     if mesh.ndim != 1:
-        raise ValueError(
-            f"a {mesh.ndim}-d DeviceMesh holds a group per dimension: pass (mesh, dim) to say which "
-            "(only a 1-d mesh stands for a group by itself)"
-        )
+        raise _only_1d(mesh.ndim)
     return mesh.get_group()
 
 
@@ -105,6 +184,9 @@ def _is_rank_list(group: Any) -> bool:
 def _by_name(name: str, world: World) -> ProcessGroup:
     found = world.registry.by_name(name)
     if found is None:
+        pg = torch_group(name)
+        if pg is not None:
+            return _from_torch(pg, world)
         raise ValueError(f"no group named {name!r}")
     return found
 
@@ -159,6 +241,9 @@ def resolve_group(group: Any, world: World, tag: str = "") -> ProcessGroup:
         return _own(_mesh_group(group), world)
     if _is_mesh_pair(group):
         return _own(_mesh_pair_group(group), world)
+    pg = torch_group(group)
+    if pg is not None:
+        return _from_torch(pg, world)
     if _is_rank_list(group):
         flat, _, subs = parse_rank_lists(group)
         return _find_or_make(flat if subs is None else _mine(subs, world), tag, world)
@@ -175,14 +260,27 @@ def expand_group(group: Any, tag: str = "", world: World | None = None) -> tuple
       given. An untagged group reports ``"untagged:<name>"`` so that ``find_group`` finds
       that very group again.
     - 1-d DeviceMesh: its group; ``(mesh, dim)``: this rank's group along dim.
+    - torch.distributed forms (ProcessGroup, torch DeviceMesh, ``(torch mesh, dim)``, a torch
+      group name): the torch group's ranks and its c10d tag (``ptd:<n>`` or the tag it was made
+      with), as PyTorch reports them, unless ``tag`` is given.
 
     Raises:
-        ValueError: sublists of different sizes; an n-d mesh without a dim ("pass (mesh, dim)");
+        MeshDimError: an n-d mesh (aiocoll's or torch's) without a dim; a ValueError and an
+            AssertionError (PyTorch's type for it).
+        ValueError: sublists of different sizes;
             an unknown group name; any other object (the message lists the accepted forms).
         TypeError: ranks that are not integers; a tag that is not a string.
         NotInitializedError: a form that needs the world (group name, None) before ``init``.
     """
     tag = check_tag(tag)
+    if isinstance(group, str):
+        w = world or _maybe_world()
+        aiocoll_name = w is not None and w.registry.by_name(group) is not None  # aiocoll's names first
+    else:
+        aiocoll_name = False
+    pg = None if aiocoll_name else torch_group(group)
+    if pg is not None:
+        return torch_expanded(pg, tag)
     if _is_rank_list(group):
         flat, size, _ = parse_rank_lists(group)
         return tag, flat, size
@@ -201,6 +299,16 @@ def expand_group(group: Any, tag: str = "", world: World | None = None) -> tuple
     else:
         raise _bad_form(group)
     return tag or untagged_tag(g), list(g.ranks), g.size
+
+
+def _maybe_world() -> World | None:
+    from ..core.world import current_world
+    from ..core.errors import NotInitializedError
+
+    try:
+        return current_world()
+    except NotInitializedError:
+        return None
 
 
 def resolve_expanded(tag: str, ranks: Sequence[int], group_size: int, world: World) -> ProcessGroup:

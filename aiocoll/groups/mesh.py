@@ -348,21 +348,35 @@ class DeviceMesh:
 
 
 def init_device_mesh(
-    shape: int | Sequence[int],
-    dim_names: Sequence[str] | None = None,
+    shape: int | Sequence[int] | str,
+    dim_names: Sequence[str] | Sequence[int] | int | None = None,
     *,
     mesh_dim_names: Sequence[str] | None = None,
+    mesh_shape: int | Sequence[int] | None = None,
 ) -> DeviceMesh:
     """A mesh of every rank of the world, 0..N-1 in C order, of the given shape.
 
     ``init_device_mesh((2, 4), ("dp", "tp"))``: dp groups are columns {0, 4}, {1, 5}, ...;
     tp groups are rows {0..3}, {4..7}. Local: no collective, no new connection.
 
+    torch's signature works too: ``init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp", "tp"))``
+    (or ``mesh_shape=``). The device type is accepted and not needed: a mesh holds ranks, and
+    the collectives run on whatever device the tensors given to them are on.
+
     Raises:
-        TypeError: ``shape`` is not an int or a sequence of ints.
+        TypeError: ``shape`` is not an int or a sequence of ints; torch's form without a shape.
         ValueError: a non-positive size, or the sizes do not multiply to the world size.
         NotInitializedError: before ``aiocoll.init``.
     """
+    if isinstance(shape, str):  # torch's (device_type, mesh_shape, *, mesh_dim_names)
+        if dim_names is not None and mesh_shape is not None:
+            raise TypeError("init_device_mesh: the mesh shape is given twice (positionally and as mesh_shape)")
+        given = dim_names if mesh_shape is None else mesh_shape
+        if given is None:
+            raise TypeError(f"init_device_mesh({shape!r}, ...) is torch's form: pass the mesh shape after the device type")
+        shape, dim_names = given, None  # type: ignore[assignment]
+    elif mesh_shape is not None:
+        raise TypeError("init_device_mesh: mesh_shape= goes with torch's form init_device_mesh(device_type, mesh_shape)")
     dims = (shape,) if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool) else shape
     if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
         raise TypeError(f"a mesh shape is an int or a non-empty sequence of ints, got {shape!r}")
@@ -376,5 +390,6 @@ def init_device_mesh(
     if total != world_size:
         raise ValueError(f"a mesh of shape {tuple(int(s) for s in dims)} has {total} ranks; the world has {world_size}")
     return DeviceMesh(
-        np.arange(world_size).reshape(tuple(int(s) for s in dims)), _pick_names(dim_names, mesh_dim_names)
+        np.arange(world_size).reshape(tuple(int(s) for s in dims)),
+        _pick_names(dim_names, mesh_dim_names),
     )

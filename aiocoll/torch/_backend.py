@@ -13,9 +13,14 @@ torch's store. Whoever can read that store can join torch.distributed's own proc
 so this is no weaker than torch.distributed itself, and ``init`` needs no opt-in here.
 
 State: CPU and CUDA tensors (CUDA staged through host memory, the caller's stream recorded);
-allreduce(_coalesced), broadcast, allgather (lists and into one tensor), reduce_scatter (lists and
-from one tensor), alltoall (lists and single tensor), reduce, gather, scatter, send, recv, barrier.
-Not supported: recv from any source, monitored_barrier, coalescing managers (they raise).
+allreduce(_coalesced), broadcast, allgather (lists, into one tensor, and coalesced), reduce_scatter
+(lists, from one tensor, and coalesced: what torch's functional reduce_scatter uses), alltoall
+(lists and single tensor), reduce, gather, scatter, send, recv, barrier, ``monitored_barrier``
+(on the group object: ``torch.distributed.monitored_barrier`` itself accepts only gloo) and the
+coalescing managers (``_coalescing_manager``, ``batch_isend_irecv``): the collectives inside one
+start as they are issued, in order, and the manager's Work completes when all of them have.
+Not supported: receiving from any source (``recv`` without ``src``): aiocoll matches every
+message to its sender, so it raises a ValueError that says to name the source.
 """
 
 from __future__ import annotations
@@ -93,6 +98,10 @@ def _op(op: Any) -> Any:
     return parse_op(getattr(op, "op", op))
 
 
+def _flat(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _into(dst: torch.Tensor, src: torch.Tensor) -> None:
     with torch.no_grad():
         dst.copy_(src.reshape(dst.shape))
@@ -107,6 +116,8 @@ class AiocollProcessGroup(dist.ProcessGroup):
         self._timeout = timeout
         self._name = name  # torch's group name (functional collectives look groups up by it)
         self._desc = desc
+        # Futures of the Works started since _start_coalescing, for _end_coalescing's Work.
+        self._coalesced: list[torch.futures.Future[Any]] | None = None
 
     @property
     def aiocoll_group(self) -> AioGroup:
@@ -137,6 +148,8 @@ class AiocollProcessGroup(dist.ProcessGroup):
                 fut.set_result(result)
 
         cf.add_done_callback(done)
+        if self._coalesced is not None:
+            self._coalesced.append(fut)
         return _work(fut)
 
     def getBackendName(self) -> str:
@@ -208,6 +221,22 @@ class AiocollProcessGroup(dist.ProcessGroup):
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
         return self._reduce_scatter_base(output, input, opts or dist.ReduceScatterOptions())
+
+    def reduce_scatter_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Any:
+        """Each ``inputs[i]`` reduced and scattered (along dim 0) into ``outputs[i]``, as one operation per dtype.
+
+        torch's functional ``reduce_scatter_tensor`` (and its backward of all_gather) comes here.
+        """
+        op, g = _op((opts or dist.ReduceScatterOptions()).reduceOp), self._group
+
+        async def go() -> None:
+            for o, r in zip(outputs, await core.reduce_scatter_coalesced([t.reshape(g.size, -1) for t in inputs], op, g)):
+                _into(o, r)
+
+        return self._start(outputs, go, outputs, inputs)
+
+    # The name torch's Python-side bindings used before ``reduce_scatter_single_coalesced``.
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ moving data
     def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> Any:  # type: ignore[override]
@@ -320,6 +349,17 @@ class AiocollProcessGroup(dist.ProcessGroup):
 
         return self._start(tensors, go, tensors)
 
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> Any:
+        """Receiving from any source: not available (raises at once, on the caller).
+
+        Raises:
+            ValueError: always; every aiocoll message is matched to the sender it names.
+        """
+        raise ValueError(
+            "the aiocoll backend cannot receive from any source: every aiocoll message is matched to the "
+            "sender it names; pass src= to torch.distributed.recv/irecv"
+        )
+
     def barrier(self, opts: Any = None) -> Any:
         g = self._group
 
@@ -327,6 +367,39 @@ class AiocollProcessGroup(dist.ProcessGroup):
             await core.barrier(g)
 
         return self._start([], go)
+
+    def monitored_barrier(self, timeout: timedelta | None = None, wait_all_ranks: bool = False) -> None:
+        """A barrier that fails, on every member, when some member has not entered it within ``timeout``.
+
+        The error names the ranks this member knows to be late (``CollectiveError.ranks``); aiocoll
+        reports what it knows whether or not ``wait_all_ranks`` is set. As after any aiocoll
+        timeout, the group is broken afterwards (later collectives on it raise GroupBrokenError).
+
+        Raises:
+            CollectiveTimeoutError: a member did not arrive in time. CollectiveError: a dead peer.
+        """
+        g = self._group
+        seconds = timeout.total_seconds() if timeout is not None else self._timeout
+
+        async def go() -> None:
+            await core.barrier(g, timeout=seconds)
+
+        self._start([], go).wait()
+
+    # ------------------------------------------------------------------ coalescing managers
+    def _start_coalescing(self, device: Any = None) -> None:
+        if self._coalesced is not None:
+            raise RuntimeError("the aiocoll backend is already coalescing on this group (managers do not nest)")
+        self._coalesced = []
+
+    def _end_coalescing(self, device: Any = None) -> Any:
+        """A Work that completes when every collective started since ``_start_coalescing`` has.
+
+        The collectives already run in the order they were issued; coalescing is what torch uses
+        to wait for them together (``batch_isend_irecv`` among others).
+        """
+        futures, self._coalesced = self._coalesced or [], None
+        return _work(torch.futures.collect_all(futures).then(lambda f: [t for r in f.value() for t in _flat(r.value())]))
 
     # ------------------------------------------------------------------ lifetime
     def shutdown(self) -> None:

@@ -8,6 +8,12 @@ output followed by an explicit ``aiocoll::wait_tensor``.
 ``group`` takes every form of ``aiocoll``'s ``group=`` (None, a ProcessGroup, a group name, a
 list of ranks, a 2-d list, a DeviceMesh, ``(mesh, dim)``); ``tag`` picks the group a rank list
 means, as in torch. Ranks given as ``src`` and in ``src_dst`` are group ranks.
+
+A torch.distributed group (a ``torch.distributed.ProcessGroup``, its group name, a 1-d torch
+``DeviceMesh`` or ``(torch DeviceMesh, dim)``) is torch's to run: the call goes to torch's own
+functional collectives on that group, so code written for them behaves exactly as it did (on
+the "aiocoll" backend, those run over aiocoll). Their results are torch's
+``AsyncCollectiveTensor``; ``wait_tensor`` and ``wait_async`` here accept them too.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any, TypeAlias
 import torch
 
 from ._async_tensor import AsyncCollectiveTensor, lazy
-from ._groups import group_key
+from ._groups import TORCH_GROUP, UNKNOWN_SIZE, group_key
 from ._work import wait_for
 
 RANK_TYPES: TypeAlias = Any
@@ -45,6 +51,35 @@ def _result(t: torch.Tensor) -> torch.Tensor:
     if _tracing():
         return _ops().wait_tensor(t)  # type: ignore[no-any-return]
     return lazy(t)
+
+
+def _torch_ft() -> Any:
+    import torch.distributed._functional_collectives as ft
+
+    return ft
+
+
+def _is_torch_act(t: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    return isinstance(t, _torch_ft().AsyncCollectiveTensor)
+
+
+def _sized(group: RANK_TYPES, tag: str, what: str) -> tuple[str, int]:
+    """``group_key``, for an op whose output shape depends on the group size.
+
+    Raises:
+        NotInitializedError: a group name before any world exists (its size is unknown).
+    """
+    name, size = group_key(group, tag)
+    if size == UNKNOWN_SIZE:
+        from aiocoll.core.errors import NotInitializedError
+
+        raise NotInitializedError(
+            f"{what}: the output shape depends on the size of group {name!r}, which is unknown before "
+            "aiocoll.init (pass a rank list to get shapes on meta and fake tensors before init)"
+        )
+    return name, size
 
 
 def _op_name(reduce_op: Any) -> str:
@@ -78,6 +113,8 @@ def wait_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(tensor, AsyncCollectiveTensor):
         return tensor.trigger_wait()
+    if _is_torch_act(tensor):
+        return tensor.wait()  # type: ignore[no-any-return, attr-defined]
     if _tracing():
         return _ops().wait_tensor(tensor)  # type: ignore[no-any-return]
     wait_for(tensor)
@@ -92,6 +129,11 @@ async def wait_async(tensor: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(tensor, AsyncCollectiveTensor):
         return await tensor
+    if _is_torch_act(tensor):
+        import asyncio
+
+        # torch's Work completes on the world's loop (the "aiocoll" backend) or on torch's threads.
+        return await asyncio.to_thread(tensor.wait)  # type: ignore[attr-defined, no-any-return]
     from ._work import work_of
 
     work = work_of(tensor)
@@ -113,6 +155,8 @@ def all_reduce(self: torch.Tensor, reduceOp: str, group: RANK_TYPES, tag: str = 
         CollectiveError: on first use of the result, as the collective failed.
     """
     name, _ = group_key(group, tag)
+    if name == TORCH_GROUP:
+        return _torch_ft().all_reduce(self, reduceOp, group, tag)  # type: ignore[no-any-return]
     return _result(_ops().all_reduce(self, _op_name(reduceOp), name))
 
 
@@ -122,7 +166,9 @@ def all_gather_tensor(self: torch.Tensor, gather_dim: int, group: RANK_TYPES, ta
     Raises:
         ValueError / TypeError: ``gather_dim`` out of range, bad group.
     """
-    name, size = group_key(group, tag)
+    name, size = _sized(group, tag, "all_gather_tensor")
+    if name == TORCH_GROUP:
+        return _torch_ft().all_gather_tensor(self, gather_dim, group, tag)  # type: ignore[no-any-return]
     return _result(_ops().all_gather_into_tensor(self, gather_dim, size, name))
 
 
@@ -134,7 +180,9 @@ def reduce_scatter_tensor(
     Raises:
         ValueError: ``self.shape[scatter_dim]`` not divisible by the group size; bad op or dim.
     """
-    name, size = group_key(group, tag)
+    name, size = _sized(group, tag, "reduce_scatter_tensor")
+    if name == TORCH_GROUP:
+        return _torch_ft().reduce_scatter_tensor(self, reduceOp, scatter_dim, group, tag)  # type: ignore[no-any-return]
     return _result(_ops().reduce_scatter_tensor(self, _op_name(reduceOp), scatter_dim, size, name))
 
 
@@ -154,7 +202,9 @@ def all_to_all_single(
         ValueError: splits of the wrong length, negative, not adding up, or None with a dim 0
             the group size does not divide.
     """
-    name, size = group_key(group, tag)
+    name, size = _sized(group, tag, "all_to_all_single")
+    if name == TORCH_GROUP:
+        return _torch_ft().all_to_all_single(self, output_split_sizes, input_split_sizes, group, tag)  # type: ignore[no-any-return]
     if self.dim() == 0:
         raise ValueError("all_to_all_single needs a tensor with at least one dimension")
     rows = self.shape[0]
@@ -177,6 +227,8 @@ def broadcast(self: torch.Tensor, src: int, group: RANK_TYPES, tag: str = "") ->
         ValueError: ``src`` out of range, bad group.
     """
     name, _ = group_key(group, tag)
+    if name == TORCH_GROUP:
+        return _torch_ft().broadcast(self, src, group, tag)  # type: ignore[no-any-return]
     return _result(_ops().broadcast(self, src, name))
 
 
@@ -187,6 +239,8 @@ def permute_tensor(self: torch.Tensor, src_dst: list[int], group: RANK_TYPES, ta
         ValueError: ``src_dst`` is not a permutation of the group ranks.
     """
     name, _ = group_key(group, tag)
+    if name == TORCH_GROUP:
+        return _torch_ft().permute_tensor(self, src_dst, group, tag)  # type: ignore[no-any-return]
     return _result(_ops().permute_tensor(self, list(src_dst), name))
 
 
@@ -200,6 +254,8 @@ def all_reduce_coalesced(
         as all_reduce, for any of the tensors.
     """
     name, _ = group_key(group, tag)
+    if name == TORCH_GROUP:
+        return _torch_ft().all_reduce_coalesced(self, reduceOp, group, tag)  # type: ignore[no-any-return]
     return [_result(t) for t in _ops().all_reduce_coalesced(list(self), _op_name(reduceOp), name)]
 
 
@@ -209,7 +265,9 @@ def all_gather_into_tensor_coalesced(self: list[torch.Tensor], group: RANK_TYPES
     Raises:
         as all_gather_tensor, for any of the tensors.
     """
-    name, size = group_key(group, tag)
+    name, size = _sized(group, tag, "all_gather_into_tensor_coalesced")
+    if name == TORCH_GROUP:
+        return _torch_ft().all_gather_into_tensor_coalesced(self, group, tag)  # type: ignore[no-any-return]
     return [_result(t) for t in _ops().all_gather_into_tensor_coalesced(list(self), [0] * len(self), size, name)]
 
 
@@ -221,7 +279,9 @@ def reduce_scatter_tensor_coalesced(
     Raises:
         ValueError: ``scatter_dim`` of another length; as reduce_scatter_tensor for each tensor.
     """
-    name, size = group_key(group, tag)
+    name, size = _sized(group, tag, "reduce_scatter_tensor_coalesced")
+    if name == TORCH_GROUP:
+        return _torch_ft().reduce_scatter_tensor_coalesced(inputs, reduceOp, scatter_dim, group, tag)  # type: ignore[no-any-return]
     out = _ops().reduce_scatter_tensor_coalesced(list(inputs), _op_name(reduceOp), list(scatter_dim), size, name)
     return [_result(t) for t in out]
 
@@ -230,6 +290,8 @@ def reduce_scatter_tensor_coalesced(
 # Every op here is differentiable; torch keeps these names for code written against older funcol.
 def all_gather_tensor_autograd(self: torch.Tensor, gather_dim: int, group: RANK_TYPES, tag: str = "") -> torch.Tensor:
     """Same as :func:`all_gather_tensor` (which is differentiable)."""
+    if group_key(group, tag)[0] == TORCH_GROUP:  # torch's differentiable twin
+        return _torch_ft().all_gather_tensor_autograd(self, gather_dim, group, tag)  # type: ignore[no-any-return]
     return all_gather_tensor(self, gather_dim, group, tag)
 
 
@@ -237,6 +299,8 @@ def reduce_scatter_tensor_autograd(
     self: torch.Tensor, reduceOp: str, scatter_dim: int, group: RANK_TYPES, tag: str = ""
 ) -> torch.Tensor:
     """Same as :func:`reduce_scatter_tensor` (differentiable for "sum")."""
+    if group_key(group, tag)[0] == TORCH_GROUP:  # torch's differentiable twin
+        return _torch_ft().reduce_scatter_tensor_autograd(self, reduceOp, scatter_dim, group, tag)  # type: ignore[no-any-return]
     return reduce_scatter_tensor(self, reduceOp, scatter_dim, group, tag)
 
 
@@ -248,11 +312,15 @@ def all_to_all_single_autograd(
     tag: str = "",
 ) -> torch.Tensor:
     """Same as :func:`all_to_all_single` (which is differentiable)."""
+    if group_key(group, tag)[0] == TORCH_GROUP:  # torch's differentiable twin
+        return _torch_ft().all_to_all_single_autograd(self, output_split_sizes, input_split_sizes, group, tag)  # type: ignore[no-any-return]
     return all_to_all_single(self, output_split_sizes, input_split_sizes, group, tag)
 
 
 def all_reduce_autograd(self: torch.Tensor, reduceOp: str, group: RANK_TYPES, tag: str = "") -> torch.Tensor:
     """Same as :func:`all_reduce` (differentiable for "sum")."""
+    if group_key(group, tag)[0] == TORCH_GROUP:  # torch's differentiable twin
+        return _torch_ft().all_reduce_autograd(self, reduceOp, group, tag)  # type: ignore[no-any-return]
     return all_reduce(self, reduceOp, group, tag)
 
 

@@ -18,11 +18,17 @@ import torch
 
 from aiocoll.core.errors import NotInitializedError
 from aiocoll.groups.group import ProcessGroup
-from aiocoll.groups.forms import parse_rank_lists, resolve_expanded, resolve_group
+from aiocoll.groups.forms import parse_rank_lists, resolve_expanded, resolve_group, torch_group
 from aiocoll.groups.mesh import DeviceMesh
 from aiocoll.core.world import World, _current, current_world
 
 _EXPANDED = "ranks:"
+TORCH_GROUP = ""
+"""The name ``group_key`` gives for a torch.distributed group: the functional collectives then
+hand the call to torch's own (``torch.distributed._functional_collectives``) on that group."""
+UNKNOWN_SIZE = -1
+"""The size ``group_key`` gives for a group name before any world exists (only shapes that do
+not depend on the group size can be had then)."""
 
 
 def _world() -> World | None:
@@ -64,21 +70,28 @@ def _group_key(group: Any, tag: str = "") -> tuple[str, int]:
 
     Accepts every form of ``group=`` (None, ProcessGroup, name, 1-d or 2-d rank list, DeviceMesh,
     ``(mesh, dim)``) and a tag (used for rank lists; ignored for forms that already are a group,
-    as in torch). Before ``init``, rank lists still give a size (for meta and fake tensors).
+    as in torch). A torch.distributed group (ProcessGroup, its name, a torch DeviceMesh or
+    ``(torch mesh, dim)``) gives ``(TORCH_GROUP, size)``. Before ``init``, rank lists still give
+    a size, and a group name gives ``UNKNOWN_SIZE`` (for shapes on meta and fake tensors).
 
     Raises:
         ValueError / TypeError: a bad form, bad ranks or tag (the message lists the forms).
-        NotInitializedError: a form other than a rank list before ``aiocoll.init``.
+        NotInitializedError: a form other than these before ``aiocoll.init``.
     """
-    group = getattr(group, "aiocoll_group", group)  # a torch.distributed group of the "aiocoll" backend
     world = _world()
+    if not isinstance(group, str) or world is None or world.registry.by_name(group) is None:
+        pg = torch_group(group)  # aiocoll's own group names come first
+        if pg is not None:
+            return TORCH_GROUP, int(pg.size())
     if world is None:
         if isinstance(group, (list, tuple, range)) and not (group and isinstance(group[0], DeviceMesh)):
             flat, size, _ = parse_rank_lists(group)
             return _EXPANDED + json.dumps([tag or "", flat, size]), size
+        if isinstance(group, str):
+            return group, UNKNOWN_SIZE  # resolved where the collective runs (it fails there without a world)
         raise NotInitializedError(
-            f"aiocoll is not initialised: a {type(group).__name__} group needs a world (only rank lists "
-            "work before init, for shapes on meta and fake tensors)"
+            f"aiocoll is not initialised: a {type(group).__name__} group needs a world (only rank lists, "
+            "group names and torch.distributed groups work before init, for shapes on meta and fake tensors)"
         )
     g = resolve_group(group, world, tag or "")
     if g.rank < 0:
