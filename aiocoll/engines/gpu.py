@@ -126,12 +126,17 @@ def direct(group: ProcessGroup, nbytes: int) -> bool:
 
 
 def prepare(group: ProcessGroup, t: torch.Tensor) -> None:
-    """Let frames that arrive before their receive is posted wait in device memory of ``t``'s
-    device (``Communicator.device_scratch``)."""
+    """Make ``t``'s device current on this thread when another is, and let frames that arrive
+    before their receive is posted wait in device memory of that device
+    (``Communicator.device_scratch``)."""
+    import torch
+
+    if t.device.index is not None and torch.cuda.current_device() != t.device.index:
+        # UCX works in the CUDA context current on the thread that drives it (this one, the
+        # world's loop): make it the tensor's device's, as torch.cuda.set_device would.
+        torch.cuda.set_device(t.device)
     comm = group.world.comm
     if comm.device_scratch is None:
-        import torch
-
         device = t.device
 
         def scratch(n: int) -> Any:
