@@ -37,9 +37,10 @@ export PYTHONPATH="$SITE:$PYTHONPATH"
 T=/tmp/aiocoll-tests
 rm -rf "$T" && mkdir -p "$T" && cp -r tests examples pyproject.toml "$T"/
 
-echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host $(hostname)  cores $(nproc)  git $(git rev-parse --short HEAD 2>/dev/null)"
+COMMIT=$(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)
+echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host $(hostname)  cores $(nproc)  aiocoll commit $COMMIT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/# gpu: /'
-$PY - <<'EOF' 2>&1 | sed 's/^/# /'
+(cd /tmp && $PY - <<'EOF' 2>&1 | sed 's/^/# /'
 import sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
 try:
@@ -50,6 +51,7 @@ except Exception as exc:
 import aiocoll.transports.ucx
 print("aiocoll ucx transport loads")
 EOF
+)
 GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 
 status=0
@@ -80,8 +82,11 @@ if [[ " $STAGES " == *" staged "* ]]; then
     echo; echo "=== staged path (AIOCOLL_GPU_TRANSPORT=off: pinned pool, no ucx), n=2, all_reduce, with gloo"
     (cd "$T" && AIOCOLL_GPU_TRANSPORT=off timeout 240 $PY -m aiocoll bench --device cuda -n 2 --op all_reduce \
         --sizes "$SIZES" --target-s "$TARGET_S" --compare gloo 2>&1) | tee "$LOGS/staged-n2.log" || status=1
+    echo; echo "=== staged path over tcp (no shared-memory engine), n=2, all_reduce"
+    (cd "$T" && AIOCOLL_GPU_TRANSPORT=off timeout 120 $PY -m aiocoll bench --device cuda -n 2 --op all_reduce \
+        --transport tcp --sizes 4,64K,1M,64M --target-s "$TARGET_S" 2>&1) | grep -v '^# running' | tail -n 6 || status=1
     echo; echo "=== small sizes device to device (AIOCOLL_GPU_DIRECT_MIN_BYTES=0), n=2, all_reduce"
     (cd "$T" && AIOCOLL_GPU_DIRECT_MIN_BYTES=0 timeout 120 $PY -m aiocoll bench --device cuda -n 2 --op all_reduce \
-        --sizes 4,4K,64K,256K,1M --target-s "$TARGET_S" 2>&1) | tee "$LOGS/direct-small-n2.log" || status=1
+        --sizes 4,64K,256K,1M,4M --target-s "$TARGET_S" 2>&1) | tee "$LOGS/direct-small-n2.log" | tail -n 6 || status=1
 fi
 exit $status

@@ -414,3 +414,82 @@ def test_ddp_on_cuda_over_the_aiocoll_backend_goes_device_to_device(n: int, tmp_
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     for r in range(n):
         assert f"rank {r} ddp cuda ok" in proc.stdout
+
+
+def test_launched_ranks_and_bench_workers_get_the_folder_holding_the_package() -> None:
+    # Since aiocoll/launch/ holds the launcher and the bench, "two levels up" is the package
+    # folder itself: on a rank's PYTHONPATH its aiocoll/torch shadowed torch ("No module named
+    # torch.fx" in every torch script `aiocoll run` or `aiocoll bench` started from a checkout).
+    from aiocoll.launch import bench, launcher
+
+    root = launcher._source_root()
+    if root is not None:
+        assert (Path(root) / "aiocoll" / "__init__.py").exists(), root
+        assert not (Path(root) / "torch").exists()
+    paths = bench._env("job")["PYTHONPATH"].split(os.pathsep)
+    assert not any((Path(p) / "torch" / "__init__.py").exists() and (Path(p) / "launch").exists() for p in paths)
+
+
+def _simulate(schedules: list[Any]) -> None:
+    """Run the ranks' schedules in lockstep, delivering the k-th Send from p to q into q's k-th
+    Recv from p (as run_schedule's step numbering does), byte for byte."""
+    from aiocoll.algorithms import Recv, Send
+
+    sent: dict[tuple[int, int], list[Any]] = {}
+    recvs: dict[tuple[int, int], list[Any]] = {}
+    live = list(range(len(schedules)))
+    while live:
+        batches = {}
+        for r in list(live):
+            try:
+                batches[r] = next(schedules[r])
+            except StopIteration:
+                live.remove(r)
+        for r, batch in batches.items():
+            for item in batch:
+                if isinstance(item, Send):
+                    sent.setdefault((r, item.peer), []).append(item.data)
+                elif isinstance(item, Recv):
+                    recvs.setdefault((item.peer, r), []).append(item.into)
+        for pair, datas in sent.items():
+            intos = recvs.get(pair, [])
+            for d, i in zip(datas, intos):
+                assert d.numel() == i.numel(), "a slice landed in a receive of another size"
+                i.copy_(d)
+            del intos[:len(datas)]
+            datas.clear()
+        assert not any(recvs.values()), "a receive was never matched"
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099])
+def test_device_schedules_compute_the_collectives(size: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU engine's schedules, sliced into several messages per transfer, on CPU tensors.
+    from aiocoll.arrays.ops import ReduceOp
+    from aiocoll.arrays.dtypes import WireDtype
+    from aiocoll.engines import gpu
+
+    monkeypatch.setattr(gpu, "SLICE_MIN", 64)  # bytes: several slices even for small tensors
+    rng = np.random.default_rng(n + size)
+    xs = [torch.from_numpy(rng.standard_normal(n * size).astype(np.float32)) for _ in range(size)]
+    reduce = gpu._reducer(ReduceOp.SUM, WireDtype.FLOAT32)
+    want = sum(x.double() for x in xs)
+
+    outs = [torch.full((n * size,), float("nan")) for _ in range(size)]
+    _simulate([gpu.all_reduce(r, size, xs[r], outs[r], reduce, lambda: None) for r in range(size)])
+    for o in outs:
+        assert torch.equal(o, outs[0]) and torch.allclose(o.double(), want, atol=1e-4)
+
+    inplace = [x.clone() for x in xs]
+    _simulate([gpu.all_reduce(r, size, inplace[r], inplace[r], reduce, lambda: None) for r in range(size)])
+    assert all(torch.equal(o, outs[0]) for o in inplace)
+
+    chunks = [torch.full((n,), float("nan")) for _ in range(size)]
+    _simulate([gpu.reduce_scatter(r, size, xs[r], chunks[r], reduce, lambda: None) for r in range(size)])
+    for r, c in enumerate(chunks):
+        assert torch.allclose(c.double(), want[r * n:(r + 1) * n], atol=1e-4)
+
+    gathered = [torch.full((n * size * size,), float("nan")) for _ in range(size)]
+    _simulate([gpu.all_gather(r, size, xs[r], gathered[r], lambda: None) for r in range(size)])
+    for g in gathered:
+        assert torch.equal(g, torch.cat(xs))

@@ -127,30 +127,34 @@ def _bytes_tensor(buf: Any) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- reductions
-def reduce_into(op: ReduceOp, code: WireDtype, acc: torch.Tensor, other: torch.Tensor) -> None:
-    """acc = op(acc, other) elementwise, in place, on the current stream."""
+def reduce_into(
+    op: ReduceOp, code: WireDtype, acc: torch.Tensor, other: torch.Tensor, first: torch.Tensor | None = None
+) -> None:
+    """acc = op(acc, other) elementwise, in place, on the current stream; with ``first``,
+    acc = op(first, other) (one pass instead of a copy and a reduction)."""
+    a = acc if first is None else first
     if acc.dtype == torch.bool:
         if op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.BOR):
-            acc.logical_or_(other)
+            torch.logical_or(a, other, out=acc)
         elif op in (ReduceOp.PRODUCT, ReduceOp.MIN, ReduceOp.BAND):
-            acc.logical_and_(other)
+            torch.logical_and(a, other, out=acc)
         else:  # BXOR
-            acc.logical_xor_(other)
+            torch.logical_xor(a, other, out=acc)
         return
     if op in (ReduceOp.SUM, ReduceOp.AVG):
-        acc.add_(other)
+        torch.add(a, other, out=acc)
     elif op == ReduceOp.PRODUCT:
-        acc.mul_(other)
+        torch.mul(a, other, out=acc)
     elif op == ReduceOp.MIN:
-        torch.minimum(acc, other, out=acc)
+        torch.minimum(a, other, out=acc)
     elif op == ReduceOp.MAX:
-        torch.maximum(acc, other, out=acc)
+        torch.maximum(a, other, out=acc)
     elif op == ReduceOp.BAND:
-        acc.bitwise_and_(other)
+        torch.bitwise_and(a, other, out=acc)
     elif op == ReduceOp.BOR:
-        acc.bitwise_or_(other)
+        torch.bitwise_or(a, other, out=acc)
     else:
-        acc.bitwise_xor_(other)
+        torch.bitwise_xor(a, other, out=acc)
 
 
 def finish_avg(acc: torch.Tensor, count: int) -> None:

@@ -197,6 +197,31 @@ def _from_host(a: Array, dtype: torch.dtype, device: torch.device) -> torch.Tens
         return host.to(device)
 
 
+def _into_device(a: Array, t: torch.Tensor) -> None:
+    """Copy host result ``a`` straight into the dense CUDA tensor ``t`` (one copy to the device,
+    not one into a new tensor and another into ``t``: on a GPU that processes share, each
+    operation may wait for its time slice)."""
+    if not a.flags.c_contiguous:
+        a = np.array(a, order="C", copy=True)
+    host = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if t.dtype == torch.bfloat16 else torch.from_numpy(a)
+    host = host.reshape(t.shape)
+    nbytes = host.numel() * host.element_size()
+    with _stream_for(t.device):
+        if nbytes < PIN_THRESHOLD:
+            t.copy_(host)
+            return
+        from .cuda import pinned_pool
+
+        pool = pinned_pool()
+        buf = pool.take(nbytes)
+        pinned = buf[:nbytes].view(t.dtype).view(t.shape)
+        pinned.copy_(host)
+        t.copy_(pinned, non_blocking=True)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(torch.cuda.current_stream(t.device))
+        pool.give(buf, nbytes, done.query)
+
+
 def tensor_payload(x: Any, what: str = "x") -> Payload:
     """The numpy face of a torch tensor.
 
@@ -260,7 +285,10 @@ def tensor_output(out: Any, like: Payload, shape: tuple[int, ...]) -> tuple[Arra
 
     def finish(a: Array) -> Any:
         with torch.no_grad():
-            t.copy_(_from_host(a, t.dtype, t.device))
+            if t.device.type == "cuda" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+                _into_device(a, t)
+            else:
+                t.copy_(_from_host(a, t.dtype, t.device))
         return out
 
     return tmp, finish

@@ -146,7 +146,9 @@ def _source_root() -> str | None:
     A rank runs ``python script.py`` with the script's directory on ``sys.path``, not ours, so
     an uninstalled checkout would otherwise be invisible to the ranks it launched.
     """
-    root = Path(__file__).resolve().parent.parent
+    # This file is aiocoll/launch/launcher.py: the folder holding the package is three levels
+    # up. (Two levels up is the package folder itself, whose aiocoll/torch would shadow torch.)
+    root = Path(__file__).resolve().parent.parent.parent
     if root.name in ("site-packages", "dist-packages"):
         return None
     return str(root)
