@@ -57,11 +57,10 @@ GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || ec
 status=0
 if [[ " $STAGES " == *" tests "* ]]; then
     echo; echo "=== GPU tests (pytest -m gpu) and the device-side unit tests"
-    (cd "$T" && timeout 300 $PY -m pytest -p no:cacheprovider -q -m gpu -rs \
+    (cd "$T" && timeout 240 $PY -m pytest -p no:cacheprovider -q -m gpu -rs \
         tests/test_gpu_direct.py tests/test_ucx_transport.py \
         "tests/test_torch_backend.py::test_torch_distributed_on_cuda_tensors_with_ddp" \
-        "tests/test_torch_cuda.py::test_core_async_api_on_cuda_keeps_the_device" \
-        "tests/test_torch_cuda.py::test_inputs_and_outputs_follow_the_callers_side_stream" 2>&1) \
+        tests/test_torch_cuda.py 2>&1) \
         | tee "$LOGS/tests.log" | tail -n 40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     echo; echo "=== examples/gpu_all_reduce.py, 2 ranks"
@@ -85,6 +84,36 @@ if [[ " $STAGES " == *" staged "* ]]; then
     echo; echo "=== staged path over tcp (no shared-memory engine), n=2, all_reduce"
     (cd "$T" && AIOCOLL_GPU_TRANSPORT=off timeout 120 $PY -m aiocoll bench --device cuda -n 2 --op all_reduce \
         --transport tcp --sizes 4,64K,1M,64M --target-s "$TARGET_S" 2>&1) | grep -v '^# running' | tail -n 6 || status=1
+    echo; echo "=== where a staged 1 MiB all_reduce spends its time (cProfile of rank 0, 20 calls)"
+    cat > /tmp/aiocoll-staged-profile.py <<'EOF'
+import cProfile, io, pstats, time
+import torch
+import aiocoll
+
+async def main():
+    pg = await aiocoll.init()
+    x = torch.ones(1 << 18, device="cuda")
+    out = torch.empty_like(x)
+    for _ in range(5):
+        await aiocoll.all_reduce(x, out=out)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(20):
+        await aiocoll.all_reduce(x, out=out)
+        torch.cuda.synchronize()
+    prof.disable()
+    dt = (time.perf_counter() - t0) / 20
+    if pg.rank == 0:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(10)
+        print(f"staged 1 MiB all_reduce: {dt * 1e3:.2f} ms per call")
+        print("\n".join(text.getvalue().splitlines()[-16:]))
+    await aiocoll.destroy()
+
+aiocoll.run(main())
+EOF
+    (cd "$T" && AIOCOLL_GPU_TRANSPORT=off timeout 60 $PY -m aiocoll run -n 2 /tmp/aiocoll-staged-profile.py 2>&1) | tail -n 20
     echo; echo "=== small sizes device to device (AIOCOLL_GPU_DIRECT_MIN_BYTES=0), n=2, all_reduce"
     (cd "$T" && AIOCOLL_GPU_DIRECT_MIN_BYTES=0 timeout 120 $PY -m aiocoll bench --device cuda -n 2 --op all_reduce \
         --sizes 4,64K,256K,1M,4M --target-s "$TARGET_S" 2>&1) | tee "$LOGS/direct-small-n2.log" | tail -n 6 || status=1

@@ -123,6 +123,10 @@ _TAG_MASK = (1 << 64) - 1
 # is also progressed on this timer, in case an event were ever missed. Measured: two idle ranks
 # connected both ways used 4 ms of CPU each in 10 s.
 _SAFETY_S = 0.5
+# Polling while device-memory requests are in flight (_Engine._arm_timer): every turn of the loop
+# for this long, then at this period.
+_POLL_FAST_S = 0.05
+_POLL_SLOW_S = 0.001
 _BACKOFF_FIRST = 0.01
 _BACKOFF_MAX = 1.0
 
@@ -276,6 +280,7 @@ class _Engine:
         self._copy_base = int.from_bytes(os.urandom(8), "little")
         self._copies = 0
         self._device_ops = 0  # device-memory requests in flight (see _arm_timer)
+        self._polling_since: float | None = None
         self._loop.add_reader(self._fd, self._drive)
         # A transport never closed (its loop simply ended) must not hang the interpreter's exit:
         # ucxx 0.52's endpoint destructor closes an endpoint that is not closing yet by
@@ -440,9 +445,19 @@ class _Engine:
             # Transfers of device memory (cuda_ipc, cuda_copy) end inside the GPU's copy engines,
             # which need not wake the worker's descriptor: poll on every turn of the loop while
             # one is in flight (it lasts microseconds to milliseconds), and sleep again after.
+            # A device receive can also wait for a frame that is slow to come (its sender is
+            # behind): after _POLL_FAST_S of polling, poll every _POLL_SLOW_S instead.
+            now = self._loop.time()
+            if self._polling_since is None:
+                self._polling_since = now
             self._scheduled = True
-            self._loop.call_soon(self._drive)
+            if now - self._polling_since < _POLL_FAST_S:
+                self._loop.call_soon(self._drive)
+            else:
+                self._loop.call_later(_POLL_SLOW_S, self._drive)
             return
+        if not self._device_ops:
+            self._polling_since = None
         if self._timer is None and self._ops and not self._closed:
             self._timer = self._loop.call_later(_SAFETY_S, self._on_timer)
 
