@@ -430,7 +430,12 @@ class _Engine:
         finished = [op for op in self._ops.values() if op.request.completed]
         for op in finished:
             self._ops.pop(id(op), None)
-            self._device_ops -= op.device
+            if op.device:
+                self._device_ops -= 1
+                # Device transfers are moving: poll at full speed again. (Keyed on "none in
+                # flight" instead, a peer that keeps one posted, such as the next collective's
+                # early frame, would leave polling slow for good.)
+                self._polling_since = None
             done, op.done = op.done, None
             if done is None:
                 continue
@@ -446,7 +451,8 @@ class _Engine:
             # which need not wake the worker's descriptor: poll on every turn of the loop while
             # one is in flight (it lasts microseconds to milliseconds), and sleep again after.
             # A device receive can also wait for a frame that is slow to come (its sender is
-            # behind): after _POLL_FAST_S of polling, poll every _POLL_SLOW_S instead.
+            # behind): after _POLL_FAST_S without a device request finishing, poll every
+            # _POLL_SLOW_S instead.
             now = self._loop.time()
             if self._polling_since is None:
                 self._polling_since = now
@@ -456,8 +462,6 @@ class _Engine:
             else:
                 self._loop.call_later(_POLL_SLOW_S, self._drive)
             return
-        if not self._device_ops:
-            self._polling_since = None
         if self._timer is None and self._ops and not self._closed:
             self._timer = self._loop.call_later(_SAFETY_S, self._on_timer)
 

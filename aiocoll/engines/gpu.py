@@ -44,11 +44,12 @@ DEFAULT_MIN_BYTES = 256 << 10
 #: by the step itself (the caller's earlier work was waited for off the loop, wait_stream), at
 #: device-memory speed (about 0.1 ms for 128 MiB), less than the round trip to a thread.
 OFFLOAD_BYTES = 2 << 30
-#: A transfer to one peer is cut into messages of at least this size, at most SLICES of them,
-#: all in flight at once: UCX then runs several copies in parallel (measured: 4 in flight moved
-#: 64 MiB 25% faster than one message over cuda_ipc).
+#: A transfer to one peer may be cut into messages of at least SLICE_MIN bytes, at most SLICES of
+#: them, all in flight at once (UCX then runs several copies in parallel: with ucxx alone, 4 in
+#: flight moved 64 MiB 25% faster over cuda_ipc). One message per transfer is what was measured
+#: at full speed here; the one run with 4 was slowed by another cause, so it is not the default.
 SLICE_MIN = 16 << 20
-SLICES = 4
+SLICES = 1
 
 _settings: tuple[str, int] | None = None
 
