@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import aiocoll
-from aiocoll.engines import select as _fastpath
 from aiocoll.collectives.codec import encode
 from aiocoll.core.world import current_world
 from aiocoll.testing import run_ranks
@@ -93,12 +92,8 @@ async def test_all_gather_object_beside_an_all_gather_started_after_its_first_st
 
 @pytest.fixture
 def fastpath_on(monkeypatch):
+    # Settings are read at init: with the variable unset, every world here has the engine on.
     monkeypatch.delenv("AIOCOLL_SHM_FASTPATH", raising=False)
-    _fastpath.configure(enabled=True)
-    _fastpath.reload_settings()
-    yield
-    _fastpath.configure(enabled=None)
-    _fastpath.reload_settings()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -249,6 +249,50 @@ async def test_device_conformance_check_passes_with_device_labelled_host_memory(
 
 
 @needs_ucxx
+async def test_device_frames_are_flagged_so_an_early_one_can_land_in_device_memory() -> None:
+    # The receiver learns the sender gave device memory, and asks frame_buffer_from_device.
+    class FromDeviceSink(DeviceSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[str] = []
+
+        def frame_device_buffer(self, peer: int, key: bytes, nbytes: int) -> Any:
+            self.asked.append("device_buffer")
+            return super().frame_device_buffer(peer, key, nbytes)
+
+        def frame_buffer_from_device(self, peer: int, key: bytes, nbytes: int) -> Any:
+            self.asked.append("from_device")
+            return super().frame_device_buffer(peer, key, nbytes)
+
+    sink = FromDeviceSink()
+    async with pair(sinks=[sink, RecordingSink()]) as (_, sinks, conn):
+        await conn.send(key(0), FakeDevice(pattern(100_000, 1)))
+        await conn.send(key(1), pattern(100_000, 2))
+        await sinks[0].wait_frames(2, 10)
+    assert sink.asked == ["from_device", "device_buffer"]
+    assert np.array_equal(sink.frames[0].data.array, pattern(100_000, 1))
+
+
+@needs_ucxx
+async def test_device_transfers_that_complete_keep_polling_fast() -> None:
+    # While device requests are in flight the engine polls every loop turn, and slows down
+    # after a while without one finishing. A device receive that stays posted (the next
+    # collective's early frame) must not keep it slow while other device transfers complete.
+    async with pair(sinks=[DeviceSink(), RecordingSink()]) as (transports, sinks, conn):
+        engine = transports[0]._engine
+        loop = asyncio.get_running_loop()
+        engine.recv(FakeDevice(np.zeros(64, np.uint8)), ucx()._tag(12345, 0), None)  # never matched
+        await conn.send(key(0), FakeDevice(pattern(100_000, 1)))
+        await sinks[0].wait_frames(1, 10)
+        engine._polling_since = marked = loop.time() - 10.0  # as if polling slowly for 10 s
+        await conn.send(key(1), FakeDevice(pattern(100_000, 2)))
+        await sinks[0].wait_frames(2, 10)
+        await asyncio.sleep(0.01)
+        assert engine._device_ops >= 1
+        assert engine._polling_since is None or engine._polling_since > marked + 5, "polling stayed slow"
+
+
+@needs_ucxx
 async def test_the_engine_copies_host_bytes_into_any_memory() -> None:
     async with pair() as (transports, _, _):
         engine = transports[0]._engine

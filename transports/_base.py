@@ -136,6 +136,12 @@ class DeviceFrameSink(Protocol):
         """
         ...
 
+    # Optional as well: ``frame_buffer_from_device(peer, key, nbytes)``, with the same contract
+    # as ``frame_device_buffer``. A transport that knows the sender gave the payload in device
+    # memory (ucx) calls it instead for such frames, so that the sink can give device memory to
+    # a frame it did not expect yet (one that arrives before its receive is posted) rather than
+    # staging it through host memory.
+
     def frame_received(self, peer: int, key: bytes, buffer: memoryview | CudaBuffer) -> None:
         """The payload is now in ``buffer``, the object ``frame_device_buffer`` returned."""
         ...

@@ -22,6 +22,9 @@ Frame ``n`` of a connection is one or two UCX tagged messages::
     header   tag H(n)   b"UCF1" | flags:u32 | nbytes:u64 | key[KEY_SIZE] | payload if INLINE
     payload  tag D(n)   nbytes bytes, host or device memory (absent when inline or empty)
 
+    flags: 1 INLINE (the payload rides in the header), 2 DEVICE (the sender's payload is in
+    device memory; never together with INLINE)
+
 H(n) = (h + n) mod 2**64 and D(n) = (d + n) mod 2**64, where h and d are the first two 64-bit
 words of conn_key, 32 random bytes the acceptor draws for each connection. Receives are posted on
 the acceptor's worker, which anyone who can reach its UCX interfaces may send to; only a sender
@@ -107,6 +110,10 @@ _HEADER = struct.Struct("<4sIQ")
 _HEADER_MAGIC = b"UCF1"
 HEADER_SIZE = _HEADER.size + KEY_SIZE
 _FLAG_INLINE = 1
+# The sender gave the payload in device memory: a sink with ``frame_buffer_from_device`` is asked
+# for the memory through it (``_base.DeviceFrameSink``), so that a frame nobody waits for yet
+# can still land in device memory instead of being staged through the host.
+_FLAG_DEVICE = 2
 # Host payloads up to this size travel inside the header message: one UCX message instead of
 # two. The header message stays under ucxx's default rendezvous threshold (8 KiB), so it is
 # always sent eagerly and never needs the receiver to have posted first.
@@ -116,6 +123,10 @@ _TAG_MASK = (1 << 64) - 1
 # is also progressed on this timer, in case an event were ever missed. Measured: two idle ranks
 # connected both ways used 4 ms of CPU each in 10 s.
 _SAFETY_S = 0.5
+# Polling while device-memory requests are in flight (_Engine._arm_timer): every turn of the loop
+# for this long, then at this period.
+_POLL_FAST_S = 0.05
+_POLL_SLOW_S = 0.001
 _BACKOFF_FIRST = 0.01
 _BACKOFF_MAX = 1.0
 
@@ -211,12 +222,15 @@ def _host_view(obj: Buffer, what: str) -> memoryview:
 class _Op:
     """One UCX request in flight, the memory it uses, and what to call when it ends."""
 
-    __slots__ = ("request", "keep", "done")
+    __slots__ = ("request", "keep", "done", "device")
 
-    def __init__(self, request: Any, keep: tuple[Any, ...], done: Callable[[str | None], None] | None) -> None:
+    def __init__(
+        self, request: Any, keep: tuple[Any, ...], done: Callable[[str | None], None] | None, device: bool = False
+    ) -> None:
         self.request = request
         self.keep = keep  # referenced until UCX is done with the memory, or the worker is gone
         self.done = done
+        self.device = device  # device memory: the engine polls while it is in flight (_Engine._arm_timer)
 
 
 def _error(request: Any) -> str | None:
@@ -265,6 +279,8 @@ class _Engine:
         self._self_ep: Any = None
         self._copy_base = int.from_bytes(os.urandom(8), "little")
         self._copies = 0
+        self._device_ops = 0  # device-memory requests in flight (see _arm_timer)
+        self._polling_since: float | None = None
         self._loop.add_reader(self._fd, self._drive)
         # A transport never closed (its loop simply ended) must not hang the interpreter's exit:
         # ucxx 0.52's endpoint destructor closes an endpoint that is not closing yet by
@@ -307,13 +323,13 @@ class _Engine:
             if done is not None:
                 done(_error(request))
             return op
-        return self._track(request, (array, data), done)
+        return self._track(request, (array, data), done, bool(array.cuda))
 
     def recv(self, data: Any, tag: Any, done: Callable[[str | None], None] | None) -> _Op:
         """Post a receive into ``data`` (or into the memory of the ucxx Array ``data``)."""
         self._check()
         array = data if isinstance(data, _Array) else _Array(data)
-        return self._track(self.worker.tag_recv(array, tag), (array, data), done)
+        return self._track(self.worker.tag_recv(array, tag), (array, data), done, bool(array.cuda))
 
     def copy(self, dst: Any, src: bytes, done: Callable[[str | None], None]) -> None:
         """Copy host bytes into ``dst`` (host or device memory) through UCX itself, by sending
@@ -369,9 +385,12 @@ class _Engine:
             return False
         return err is None
 
-    def _track(self, request: Any, keep: tuple[Any, ...], done: Callable[[str | None], None] | None) -> _Op:
-        op = _Op(request, keep, done)
+    def _track(
+        self, request: Any, keep: tuple[Any, ...], done: Callable[[str | None], None] | None, device: bool = False
+    ) -> _Op:
+        op = _Op(request, keep, done, device)
         self._ops[id(op)] = op
+        self._device_ops += device
         self.kick()
         return op
 
@@ -411,6 +430,12 @@ class _Engine:
         finished = [op for op in self._ops.values() if op.request.completed]
         for op in finished:
             self._ops.pop(id(op), None)
+            if op.device:
+                self._device_ops -= 1
+                # Device transfers are moving: poll at full speed again. (Keyed on "none in
+                # flight" instead, a peer that keeps one posted, such as the next collective's
+                # early frame, would leave polling slow for good.)
+                self._polling_since = None
             done, op.done = op.done, None
             if done is None:
                 continue
@@ -421,6 +446,22 @@ class _Engine:
         return bool(finished)
 
     def _arm_timer(self) -> None:
+        if self._device_ops and not self._closed and not self._scheduled:
+            # Transfers of device memory (cuda_ipc, cuda_copy) end inside the GPU's copy engines,
+            # which need not wake the worker's descriptor: poll on every turn of the loop while
+            # one is in flight (it lasts microseconds to milliseconds), and sleep again after.
+            # A device receive can also wait for a frame that is slow to come (its sender is
+            # behind): after _POLL_FAST_S without a device request finishing, poll every
+            # _POLL_SLOW_S instead.
+            now = self._loop.time()
+            if self._polling_since is None:
+                self._polling_since = now
+            self._scheduled = True
+            if now - self._polling_since < _POLL_FAST_S:
+                self._loop.call_soon(self._drive)
+            else:
+                self._loop.call_later(_POLL_SLOW_S, self._drive)
+            return
         if self._timer is None and self._ops and not self._closed:
             self._timer = self._loop.call_later(_SAFETY_S, self._on_timer)
 
@@ -483,6 +524,7 @@ class _Engine:
         for op in self._ops.values():
             op.request = None
         self._ops.clear()
+        self._device_ops = 0
         self._endpoints.clear()
         self._self_ep = None
         self.worker = None
@@ -636,7 +678,7 @@ class UcxConnection:
         self._check_intact()
         n = self._next
         self._next += 1
-        flags = _FLAG_INLINE if inline is not None else 0
+        flags = (_FLAG_INLINE if inline is not None else 0) | (_FLAG_DEVICE if iface is not None else 0)
         header = _HEADER.pack(_HEADER_MAGIC, flags, nbytes) + key + (inline or b"")
         sending = _Sending(self._loop.create_future())
         parts = [(header, self._header_base)]
@@ -861,11 +903,11 @@ class _Inbound:
             self._violation(f"frame header claims {nbytes} bytes, more than MAX_FRAME ({MAX_FRAME})")
             return
         inline = bool(flags & _FLAG_INLINE)
-        if flags & ~_FLAG_INLINE or (inline and nbytes > _INLINE):
+        if flags & ~(_FLAG_INLINE | _FLAG_DEVICE) or (inline and (nbytes > _INLINE or flags & _FLAG_DEVICE)):
             self._violation(f"bad frame flags {flags:#x} for {nbytes} bytes")
             return
         try:
-            buffer = self._frame_buffer(key, nbytes)
+            buffer = self._frame_buffer(key, nbytes, bool(flags & _FLAG_DEVICE))
         except Exception as exc:
             self._drop(TransportError(f"frame of {nbytes} bytes from rank {self.peer} rejected: {exc!r}"), exc)
             return
@@ -885,9 +927,11 @@ class _Inbound:
             except Exception as exc:  # UCX refused the memory (device memory without CUDA support)
                 self._drop(TransportError(f"UCX cannot receive frame {self._n} from rank {self.peer}: {exc}"), exc)
 
-    def _frame_buffer(self, key: bytes, nbytes: int) -> Any:
-        device = getattr(self._sink, "frame_device_buffer", None)
-        buffer = device(self.peer, key, nbytes) if device is not None else self._sink.frame_buffer(self.peer, key, nbytes)
+    def _frame_buffer(self, key: bytes, nbytes: int, from_device: bool) -> Any:
+        pick = getattr(self._sink, "frame_buffer_from_device", None) if from_device else None
+        if pick is None:
+            pick = getattr(self._sink, "frame_device_buffer", None) or self._sink.frame_buffer
+        buffer = pick(self.peer, key, nbytes)
         iface = cuda_interface(buffer)
         if iface is not None:
             size, readonly = _device_nbytes(iface, "frame_device_buffer's memory")
@@ -1058,6 +1102,11 @@ class UcxTransport:
     def address(self) -> str:
         """This rank's address (empty before ``listen``)."""
         return self._address
+
+    @property
+    def cuda_ready(self) -> bool:
+        """Whether UCX started here can move CUDA memory (known once ``listen`` ran)."""
+        return self._engine is not None and self._engine.cuda_support
 
     # -- listening
 

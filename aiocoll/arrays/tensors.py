@@ -7,7 +7,10 @@ Imported by ``aiocoll.arrays.adapt`` only when a tensor is seen, so torch stays 
 - bfloat16 has no numpy dtype: its 16-bit words travel as uint16 tagged ``WireDtype.BFLOAT16``,
   which the reduction kernels widen to float32. float16, bool and complex are numpy-native.
 - Tensors on another device (CUDA, ...) are staged through host memory (pinned for CUDA above a
-  small size, so the copies run at full DMA speed); results are copied back to the same device.
+  small size, so the copies run at full DMA speed; the pinned buffers come from
+  ``aiocoll.arrays.cuda.pinned_pool`` and are reused across calls); results are copied back to
+  the same device. CUDA tensors that a GPU-direct transport reaches never get here: see
+  ``aiocoll.engines.gpu``.
   Copies run on the caller's CUDA stream when one is recorded in :data:`cuda_streams` (the sync
   API and ``aiocoll.torch`` record it, since they run the collective on another thread), else on
   the current stream of the thread that runs the collective.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -136,14 +140,31 @@ def _host_view(t: torch.Tensor) -> Array:
     return t.numpy()
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of a device tensor, after the work queued before it on its stream."""
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, Callable[[Array], None] | None]:
+    """A CPU copy of a device tensor, after the work queued before it on its stream, and what
+    to call with the numpy array made of it to give its pinned buffer back once that array is
+    gone (None when the copy is not from the pool)."""
+    nbytes = t.numel() * t.element_size()
     with _stream_for(t.device):
-        if t.device.type == "cuda" and t.numel() * t.element_size() >= PIN_THRESHOLD:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t)  # blocking: returns once the data is in host memory
-            return host
-        return t.to("cpu")
+        if t.device.type == "cuda" and nbytes >= PIN_THRESHOLD:
+            from .cuda import pinned_pool
+
+            pool = pinned_pool()
+            buf = pool.take(nbytes)
+            host = buf[:nbytes].view(t.dtype).view(t.shape)
+            host.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(t.device).synchronize()
+
+            def lease(arr: Array) -> None:
+                # Views of a numpy array keep its base alive, not the array itself: watch the
+                # base every view shares.
+                root = arr
+                while isinstance(root.base, np.ndarray):
+                    root = root.base
+                weakref.finalize(root, pool.give, buf, nbytes)
+
+            return host, lease
+        return t.to("cpu"), None
 
 
 def _from_host(a: Array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -158,13 +179,47 @@ def _from_host(a: Array, dtype: torch.dtype, device: torch.device) -> torch.Tens
             host = host.to(dtype)
     if device.type == "cpu":
         return host
+    nbytes = host.numel() * host.element_size()
     with _stream_for(device):
-        if device.type == "cuda" and host.numel() * host.element_size() >= PIN_THRESHOLD:
-            pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+        if device.type == "cuda" and nbytes >= PIN_THRESHOLD:
+            from .cuda import pinned_pool
+
+            pool = pinned_pool()
+            buf = pool.take(nbytes)
+            pinned = buf[:nbytes].view(dtype).view(host.shape)
             pinned.copy_(host)
-            # The caching host allocator keeps ``pinned`` alive until this copy has run.
-            return pinned.to(device, non_blocking=True)
+            result: torch.Tensor = pinned.to(device, non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(torch.cuda.current_stream(device))
+            # Handed out again only once the copy reading it has run.
+            pool.give(buf, nbytes, done.query)
+            return result
         return host.to(device)
+
+
+def _into_device(a: Array, t: torch.Tensor) -> None:
+    """Copy host result ``a`` straight into the dense CUDA tensor ``t`` (one copy to the device,
+    not one into a new tensor and another into ``t``: on a GPU that processes share, each
+    operation may wait for its time slice)."""
+    if not a.flags.c_contiguous:
+        a = np.array(a, order="C", copy=True)
+    host = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if t.dtype == torch.bfloat16 else torch.from_numpy(a)
+    host = host.reshape(t.shape)
+    nbytes = host.numel() * host.element_size()
+    with _stream_for(t.device):
+        if nbytes < PIN_THRESHOLD:
+            t.copy_(host)
+            return
+        from .cuda import pinned_pool
+
+        pool = pinned_pool()
+        buf = pool.take(nbytes)
+        pinned = buf[:nbytes].view(t.dtype).view(t.shape)
+        pinned.copy_(host)
+        t.copy_(pinned, non_blocking=True)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(torch.cuda.current_stream(t.device))
+        pool.give(buf, nbytes, done.query)
 
 
 def tensor_payload(x: Any, what: str = "x") -> Payload:
@@ -177,8 +232,10 @@ def tensor_payload(x: Any, what: str = "x") -> Payload:
     check_tensor(t, what)
     dtype, device = t.dtype, t.device
     dense = _dense(t)
-    host = dense if device.type == "cpu" else _to_host(dense)
+    host, lease = (dense, None) if device.type == "cpu" else _to_host(dense)
     arr = _host_view(host)
+    if lease is not None:
+        lease(arr)
     code = WireDtype.BFLOAT16 if dtype == torch.bfloat16 else wire_dtype(arr.dtype)
 
     def wrap(a: Array) -> torch.Tensor:
@@ -228,7 +285,10 @@ def tensor_output(out: Any, like: Payload, shape: tuple[int, ...]) -> tuple[Arra
 
     def finish(a: Array) -> Any:
         with torch.no_grad():
-            t.copy_(_from_host(a, t.dtype, t.device))
+            if t.device.type == "cuda" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+                _into_device(a, t)
+            else:
+                t.copy_(_from_host(a, t.dtype, t.device))
         return out
 
     return tmp, finish

@@ -40,6 +40,7 @@ from ..arrays.payload import Array, Payload
 from ..engines.messages import MESSAGES, OFFLOAD_BYTES, run_p2p
 from ..engines.plan import Engine, Plan
 from ..arrays.dtypes import WireDtype
+from ..engines import gpu
 from ..engines.select import engine_for
 from ..groups.group import ProcessGroup
 from ..groups.forms import resolve_group
@@ -181,6 +182,13 @@ async def _together(runs: Sequence[Started[Any]]) -> list[Any]:
             r.give_back()
 
 
+def _start_plan(g: ProcessGroup, plan: gpu.DeviceRun, timeout: float | None) -> Started[Any]:
+    """Claim a place for a collective the GPU engine runs (aiocoll.engines.gpu)."""
+    t = _timeout(g, timeout)
+    turn = _Turn(g)
+    return Started(plan(turn.seq, t), turn)
+
+
 def _shape(a: Array) -> tuple[int, ...]:
     return tuple(int(n) for n in a.shape)
 
@@ -210,6 +218,8 @@ async def all_reduce(
 def _all_reduce_start(x: Any, op: Any, group: Any, out: Any, timeout: float | None) -> Started[Any]:
     g = _group(group)
     rop = parse_op(op)
+    if gpu.is_cuda_array(x) and (plan := gpu.plan_all_reduce(g, x, rop, out)) is not None:
+        return _start_plan(g, plan, timeout)
     p = as_payload(x)
     check_op_dtype(rop, p.code)
     t = _timeout(g, timeout)
@@ -258,6 +268,10 @@ async def all_gather(x: Any, group: Any = None, *, dim: int = 0, timeout: float 
 
 def _all_gather_start(x: Any, group: Any, dim: int, timeout: float | None) -> Started[Any]:
     g = _group(group)
+    if gpu.is_cuda_array(x) and isinstance(dim, int) and not isinstance(dim, bool):
+        ndim = len(x.shape)
+        if -max(ndim, 1) <= dim < max(ndim, 1) and (plan := gpu.plan_all_gather(g, x, dim % max(ndim, 1))):
+            return _start_plan(g, plan, timeout)
     p = as_payload(x)
     d = _dim(dim, p.array.ndim)
     t = _timeout(g, timeout)
@@ -300,6 +314,11 @@ def _reduce_scatter_start(
     """Check the arguments and claim the collective's place now; the returned coroutine runs it."""
     g = _group(group)
     rop = parse_op(op)
+    if gpu.is_cuda_array(x) and isinstance(dim, int) and not isinstance(dim, bool) and len(x.shape):
+        ndim = len(x.shape)
+        d = dim % ndim if -ndim <= dim < ndim else -1
+        if d >= 0 and x.shape[d] % g.size == 0 and (plan := gpu.plan_reduce_scatter(g, x, rop, d)):
+            return _start_plan(g, plan, timeout)
     p = as_payload(x)
     check_op_dtype(rop, p.code)
     if p.array.ndim == 0:

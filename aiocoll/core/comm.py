@@ -106,6 +106,11 @@ def _private_mapping(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes)  # Windows: no flags, and no shmem file behind the mapping
 
 
+def _on_device(buffer: Any) -> bool:
+    """Whether ``buffer`` is device memory (CUDA Array Interface); memoryviews never are."""
+    return not isinstance(buffer, memoryview) and hasattr(buffer, "__cuda_array_interface__")
+
+
 def op_name(code: int) -> str:
     try:
         return ReduceOp(code).name.lower()
@@ -205,7 +210,7 @@ class Posted:
     slot: tuple[int, int, int, int]
     expect: FrameKey
     check_count: bool
-    buffer: memoryview
+    buffer: Any  # memoryview, or device memory (CUDA Array Interface, with .nbytes)
     future: asyncio.Future[None]
     op: ActiveOp | None
     me: int = -1
@@ -255,8 +260,15 @@ class Communicator:
         self.world_size = world_size
         self.transports: list[Transport] = []
         self._conns: dict[int, Connection] = {}
+        # Connections for payloads in device memory, where they go over another transport than
+        # host payloads (ucx beside shm/tcp with transport="auto"); see send().
+        self._device_conns: dict[int, Connection] = {}
+        #: Makes device memory of n bytes for a device frame that arrives before its receive is
+        #: posted (set by the GPU engine, aiocoll.engines.gpu); None: such frames wait in host
+        #: memory and are copied in when their receive is posted.
+        self.device_scratch: Callable[[int], Any] | None = None
         self._posted: dict[tuple[int, tuple[int, int, int, int]], Posted] = {}
-        self._unexpected: dict[tuple[int, tuple[int, int, int, int]], tuple[FrameKey, memoryview]] = {}
+        self._unexpected: dict[tuple[int, tuple[int, int, int, int]], tuple[FrameKey, Any]] = {}
         self._unexpected_bytes = 0
         self._landing: dict[tuple[int, tuple[int, int, int, int]], Posted | None] = {}
         # receives whose frame arrived in scratch memory and is being copied into them
@@ -283,6 +295,15 @@ class Communicator:
     def add_connection(self, peer: int, conn: Connection) -> None:
         self._conns[peer] = conn
 
+    def add_device_connection(self, peer: int, conn: Connection) -> None:
+        """Send payloads in device memory to ``peer`` over ``conn`` (a transport with
+        ``cuda_memory``); host payloads keep their connection."""
+        self._device_conns[peer] = conn
+
+    def has_device_path(self, peer: int) -> bool:
+        """Whether device memory reaches ``peer`` without staging through host memory."""
+        return peer in self._device_conns
+
     def is_dead(self, peer: int) -> bool:
         return peer in self._dead
 
@@ -296,14 +317,52 @@ class Communicator:
         posted = self._posted.get((peer, k.slot))
         if posted is not None and posted.discard:
             return self._scratch(peer, nbytes)
+        if posted is not None and _on_device(posted.buffer):
+            # A transport of host memory only: the frame lands in host memory and is copied
+            # into the device receive when it has arrived (frame_received: landed is not posted).
+            self._landing[(peer, k.slot)] = None
+            return self._scratch(peer, nbytes)
         # Remember where this frame lands: a transport may deliver the payload in several
         # reads, and the receive may be posted while it does (then frame_received copies).
         self._landing[(peer, k.slot)] = posted
         if posted is not None:
             posted.mismatch = posted.check(k, nbytes)
             if posted.mismatch is None:
-                return posted.buffer
+                buffer: memoryview = posted.buffer
+                return buffer
         return self._scratch(peer, nbytes)
+
+    def frame_device_buffer(self, peer: int, key: bytes, nbytes: int) -> Any:
+        """DeviceFrameSink: the posted receive's memory, device memory included; else host
+        scratch, as frame_buffer."""
+        return self._place(peer, key, nbytes, device=False)
+
+    def frame_buffer_from_device(self, peer: int, key: bytes, nbytes: int) -> Any:
+        """DeviceFrameSink, for payloads the sender gave in device memory: as
+        frame_device_buffer, but an early frame waits in device scratch (``device_scratch``)."""
+        return self._place(peer, key, nbytes, device=self.device_scratch is not None)
+
+    def _place(self, peer: int, key: bytes, nbytes: int, *, device: bool) -> Any:
+        k = FrameKey.unpack(key)
+        if k.flags & FLAG_CONTROL:
+            return self.frame_buffer(peer, key, nbytes)
+        posted = self._posted.get((peer, k.slot))
+        if posted is not None and posted.discard:
+            return self._scratch(peer, nbytes)
+        self._landing[(peer, k.slot)] = posted
+        if posted is not None:
+            posted.mismatch = posted.check(k, nbytes)
+            if posted.mismatch is None:
+                return posted.buffer
+        if not device:
+            return self._scratch(peer, nbytes)
+        if self._unexpected_bytes + nbytes > self._max_unexpected:
+            raise ValueError(
+                f"rank {peer} sent {nbytes} bytes nobody asked for yet, over the "
+                f"{self._max_unexpected}-byte limit for unexpected frames"
+            )
+        assert self.device_scratch is not None
+        return self.device_scratch(nbytes)
 
     def _scratch(self, peer: int, nbytes: int) -> memoryview:
         if self._unexpected_bytes + nbytes > self._max_unexpected:
@@ -318,7 +377,7 @@ class Communicator:
         # the payload is written into it, so what a frame costs is what it actually delivered.
         return memoryview(_private_mapping(nbytes))
 
-    def frame_received(self, peer: int, key: bytes, buffer: memoryview) -> None:
+    def frame_received(self, peer: int, key: bytes, buffer: Any) -> None:
         k = FrameKey.unpack(key)
         if k.flags & FLAG_CONTROL:
             self._on_control(peer, k, bytes(buffer))
@@ -462,7 +521,7 @@ class Communicator:
         self,
         peer: int,
         expect: FrameKey,
-        buffer: memoryview,
+        buffer: Any,
         op: ActiveOp | None,
         *,
         check_count: bool = True,
@@ -630,8 +689,17 @@ class Communicator:
         self._break(key.gid, err, key.seq)
         stand_in = ActiveOp(rec.group, key.gid, key.seq, rec.op, rec.members, asyncio.get_running_loop().create_future())
         self._broadcast_abort(stand_in, err)
-    def _copy_in(self, posted: Posted, data: memoryview) -> None:
+    def _copy_in(self, posted: Posted, data: Any) -> None:
         """Complete ``posted`` with a frame that arrived in scratch memory before it was posted."""
+        if _on_device(posted.buffer) or _on_device(data):
+            from ..arrays.cuda import copy_bytes
+
+            # One asynchronous copy on the GPU (or by DMA from/to the host), waited for here:
+            # the receive's memory holds the frame once its future completes.
+            if data.nbytes:
+                copy_bytes(posted.buffer, data)
+            posted.future.set_result(None)
+            return
         if data.nbytes < _DRAIN_SLICE:
             if data.nbytes:
                 posted.buffer[:] = data
@@ -698,18 +766,29 @@ class Communicator:
         if self._posted.get((posted.peer, posted.slot)) is posted:
             del self._posted[(posted.peer, posted.slot)]
 
-    async def send(self, peer: int, key: FrameKey, payload: memoryview) -> None:
-        """Send one frame to ``peer`` (``peer`` may be this rank: it is delivered locally)."""
+    async def send(self, peer: int, key: FrameKey, payload: Any) -> None:
+        """Send one frame to ``peer`` (``peer`` may be this rank: it is delivered locally).
+
+        ``payload`` is host memory, or device memory (``__cuda_array_interface__``, ready to be
+        read), which goes over the peer's device connection when it has one.
+        """
+        device = _on_device(payload)
         if peer == self.rank:
             raw = key.pack()
-            buf = self.frame_buffer(peer, raw, payload.nbytes)
+            buf = self._place(peer, raw, payload.nbytes, device=False) if device else self.frame_buffer(
+                peer, raw, payload.nbytes)
             if payload.nbytes:
-                buf[:] = payload
+                if device or _on_device(buf):
+                    from ..arrays.cuda import copy_bytes
+
+                    copy_bytes(buf, payload)
+                else:
+                    buf[:] = payload
             self.frame_received(peer, raw, buf)
             return
         if peer in self._dead:
             raise PeerFailureError(f"rank {peer} {self._dead[peer]}", ranks=(peer,))
-        conn = self._conns.get(peer)
+        conn = (self._device_conns.get(peer) if device else None) or self._conns.get(peer)
         if conn is None:
             raise PeerFailureError(f"no connection to rank {peer}", ranks=(peer,))
         try:
@@ -927,13 +1006,16 @@ class Communicator:
             await asyncio.wait(list(self._background), timeout=flush_timeout)
         for task in list(self._background):
             task.cancel()
-        closed = await asyncio.gather(*(conn.aclose() for conn in self._conns.values()), return_exceptions=True)
+        conns = [*self._conns.values(), *self._device_conns.values()]
+        closed = await asyncio.gather(*(conn.aclose() for conn in conns), return_exceptions=True)
         for exc in closed:
             if isinstance(exc, BaseException):
                 log.debug("rank %d: closing a connection: %r", self.rank, exc)
         for t in self.transports:
             await t.aclose()
         self._conns.clear()
+        self._device_conns.clear()
+        self.device_scratch = None
         self._unexpected.clear()
         self._unexpected_bytes = 0
 
@@ -941,8 +1023,10 @@ class Communicator:
         self._closing = True
         for task in list(self._background):
             task.cancel()
-        for conn in list(self._conns.values()):
+        for conn in [*self._conns.values(), *self._device_conns.values()]:
             conn.abort()
         for t in self.transports:
             t.abort()
         self._conns.clear()
+        self._device_conns.clear()
+        self.device_scratch = None

@@ -55,6 +55,12 @@ class Settings:
             (``AIOCOLL_SHM_SPIN_US``; 0: never spin). Spinning is also off when the group has
             more members than this process may use cores, and for ranks that share one process.
         shm_spin_yield: yield the CPU between polls while spinning (``AIOCOLL_SHM_SPIN_YIELD``).
+        gpu_transport: ``auto`` starts ucx beside the host transports for CUDA payloads when
+            ucxx and a CUDA driver are present (with ``transport="auto"``); ``off`` stages CUDA
+            arrays through host memory (``AIOCOLL_GPU_TRANSPORT``).
+        gpu_direct_min_bytes: CUDA payloads from this many bytes per member move device to
+            device; smaller ones are faster staged through the host
+            (``AIOCOLL_GPU_DIRECT_MIN_BYTES``).
     """
 
     algorithms: Mapping[str, str] = field(default_factory=dict)
@@ -66,6 +72,8 @@ class Settings:
     shm_thread_min: int = 1 << 62
     shm_spin_us: float = 200.0
     shm_spin_yield: bool = True
+    gpu_transport: str = "auto"
+    gpu_direct_min_bytes: int = 256 << 10
 
     def __post_init__(self) -> None:
         for name, algorithm in self.algorithms.items():
@@ -75,6 +83,9 @@ class Settings:
                 raise ValueError(f"Settings.shm_engine_min_bytes: the shm engine runs no {name!r}; it runs "
                                  f"{', '.join(SHM_COLLECTIVES)}")
             _non_negative(f"shm_engine_min_bytes[{name!r}]", value)
+        if self.gpu_transport not in ("auto", "off"):
+            raise ValueError(f"Settings.gpu_transport must be 'auto' or 'off', got {self.gpu_transport!r}")
+        _non_negative("gpu_direct_min_bytes", self.gpu_direct_min_bytes)
         _non_negative("shm_part_bytes", self.shm_part_bytes)
         _non_negative("shm_direct_max", self.shm_direct_max)
         _non_negative("shm_thread_min", self.shm_thread_min)
@@ -127,6 +138,15 @@ class Settings:
         raw = env.get("AIOCOLL_SHM_SPIN_YIELD", "").strip().lower()
         if raw:
             values["shm_spin_yield"] = _flag("AIOCOLL_SHM_SPIN_YIELD", raw)
+        raw = env.get("AIOCOLL_GPU_TRANSPORT", "").strip().lower()
+        if raw:
+            if raw in _OFF:
+                raw = "off"
+            if raw not in ("auto", "off"):
+                raise ValueError(f"AIOCOLL_GPU_TRANSPORT={raw!r}: use auto or off")
+            values["gpu_transport"] = raw
+        if env.get("AIOCOLL_GPU_DIRECT_MIN_BYTES", "").strip():
+            values["gpu_direct_min_bytes"] = _int("AIOCOLL_GPU_DIRECT_MIN_BYTES", env["AIOCOLL_GPU_DIRECT_MIN_BYTES"])
         known = {f.name for f in fields(cls)}
         for key in overrides:
             if key not in known:
@@ -170,6 +190,12 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("AIOCOLL_JOB_ID", "set by aiocoll run", "names this job's shared-memory objects, for cleanup", "aiocoll run (sets it), shm segments"),
     ("AIOCOLL_TCP_BULK_BYTES", "262144", "tcp frames from this size move on a thread per connection (0: never)",
      "the tcp transport"),
+    ("AIOCOLL_GPU_TRANSPORT", "auto", "auto: ucx beside the host transports for CUDA payloads when ucxx and CUDA are "
+     "present; off: stage CUDA arrays through host memory", "Settings.from_env (init)"),
+    ("AIOCOLL_GPU_DIRECT_MIN_BYTES", "262144", "CUDA payloads from this size per member move device to device",
+     "Settings.from_env (init)"),
+    ("AIOCOLL_PINNED_POOL_BYTES", "2 GiB", "most idle pinned host memory kept for staging CUDA arrays",
+     "the CUDA staging pool"),
     ("AIOCOLL_LOOP", "uvloop if installed", "event loop for aiocoll run and the sync API: asyncio or uvloop", "aiocoll run, sync API"),
     ("AIOCOLL_ALGO_<COLLECTIVE>", "by size", "force an algorithm: " + "; ".join(
         f"{k.upper()}: {'/'.join(v)}" for k, v in ALGORITHMS.items()), "Settings.from_env (init)"),

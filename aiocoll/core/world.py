@@ -216,6 +216,12 @@ async def _connect_all(
 ) -> None:
     rank, size, comm = w.rank, w.world_size, w.comm
     names = _candidates(transport)
+    from ..engines.gpu import device_transport
+
+    # A transport for payloads in device memory beside the host one (auto: ucx when ucxx is
+    # installed and its UCX can use CUDA): every rank decides alike, and a link gets a device
+    # connection only when both ends offer it, so the two directions of a pair always agree.
+    device_name = device_transport(transport, w.settings)
     # Each init of this store gets its own keys: a store that outlives a world (a standalone
     # server, a file store, torch's store) still holds the last world's addresses, which a rank
     # starting again must not take for the new ones. Every rank counts its own joins, so ranks
@@ -248,6 +254,20 @@ async def _connect_all(
         started[name] = t
         comm.transports.append(t)
         addresses[name] = await t.listen(comm)
+    if device_name is not None and device_name not in started:
+        try:
+            t = get_transport(device_name)(TransportConfig(
+                rank=rank, world_size=size, secret=secret, host=bind, timeout=w.timeout, options=options))
+            address = await t.listen(comm)
+        except Exception as exc:  # no UCX here after all: CUDA tensors are staged through host memory
+            log.info("rank %d: no %s transport for device memory: %s", rank, device_name, exc)
+        else:
+            if getattr(t, "cuda_ready", False):
+                started[device_name] = t
+                comm.transports.append(t)
+                addresses[device_name] = address
+            else:
+                await t.aclose()
     me = {"host": host_key(), "addresses": addresses}
     await w.store.set(f"{space}/addr/{rank}", json.dumps(me).encode())
 
@@ -263,6 +283,10 @@ async def _connect_all(
             conn = await started[name].connect(peer, theirs[name])
             comm.add_connection(peer, conn)
             w.transport_names[peer] = name
+            if started[name].capabilities.cuda_memory:
+                comm.add_device_connection(peer, conn)
+            elif device_name in started and device_name in theirs:
+                comm.add_device_connection(peer, await started[device_name].connect(peer, theirs[device_name]))
             return
         raise StoreError(f"rank {peer} offers transports {sorted(theirs)}, none usable from rank {rank} ({names})")
 

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 OFFLOAD_BYTES = 1 << 20
 
 
-def _bytes(a: Any) -> memoryview:
+def _bytes(a: Any) -> Any:
+    if hasattr(a, "__cuda_array_interface__"):
+        return a  # device memory (aiocoll.engines.gpu): flat uint8 already, the transport reads it
     m = memoryview(a)
     return m if (m.ndim == 1 and m.format == "B") else m.cast("B")
 

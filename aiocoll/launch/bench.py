@@ -1,13 +1,19 @@
 """``aiocoll bench``: time collectives nccl-tests style, next to gloo and MPI in the same run.
 
     aiocoll bench [--op all_reduce] [-n N] [--transport T] [--sizes 4:256M] [--compare gloo,mpi]
-                  [--plot F.png] [--target-s S]
+                  [--plot F.png] [--target-s S] [--device cpu|cuda]
 
 The command starts N local ranks itself (``python -m aiocoll.launch.bench --worker ...``, meeting
 through a TCP store on 127.0.0.1), and, with ``--compare``, the same sizes through
 torch.distributed's gloo backend (CPU tensors, ``init_method=tcp://127.0.0.1``,
 ``GLOO_SOCKET_IFNAME=lo``) and through mpi4py under ``mpirun`` (Open MPI shared memory: ``--mca
 pml ob1 --mca btl self,vader``), one after the other in the same invocation.
+
+``--device cuda``: every library works on the same CUDA float32 tensors (rank r on GPU r mod the
+number of GPUs: one rank per GPU when there are enough, else ranks share them); each timed call
+ends when its results are on the device (the stream synchronized). ``--compare`` then takes gloo
+(CUDA tensors, as torch.distributed stages them) and nccl (one GPU per rank only). Shown in the
+header: which path aiocoll took (GPU-direct over ucx, or staged through pinned host memory).
 
 Definitions (as nccl-tests and the project's CPU anchors):
 - size: bytes of the array per rank; for all_gather the whole output, for reduce_scatter the
@@ -140,16 +146,32 @@ def _emit(op: str, size: int, n: int, iters: int, times: Sequence[float]) -> Non
     )
 
 
+def _cuda_device(rank: int) -> Any:
+    import torch
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 async def _aiocoll_worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     import aiocoll
 
+    if args.device == "cuda":
+        _cuda_device(args.rank)
     await aiocoll.init(
         rank=args.rank, world_size=args.world_size, store=f"tcp://127.0.0.1:{args.port}",
         transport=args.transport, timeout=args.timeout,
     )
     rank, n = args.rank, args.world_size
+    if args.device == "cuda":
+        try:
+            await _aiocoll_cuda(args)
+        finally:
+            await aiocoll.destroy()
+        return
     try:
         for op in args.ops:
             for size in args.sizes:
@@ -204,22 +226,102 @@ async def _aiocoll_worker(args: argparse.Namespace) -> None:
         await aiocoll.destroy()
 
 
-def _gloo_worker(args: argparse.Namespace) -> None:
+async def _aiocoll_cuda(args: argparse.Namespace) -> None:
+    """The aiocoll worker on CUDA tensors (``--device cuda``)."""
+    import torch
+
+    import aiocoll
+
+    rank, n = args.rank, args.world_size
+    device = torch.device("cuda", torch.cuda.current_device())
+    world = aiocoll.world()
+    direct_to = all(world.world.comm.has_device_path(p) for p in range(n) if p != rank)
+    minimum = world.world.settings.gpu_direct_min_bytes
+    if rank == 0:
+        how = (f"GPU-direct over ucx from {minimum} B per rank (smaller: staged through pinned host memory)"
+               if direct_to else "staged through pinned host memory (no GPU-direct transport)")
+        print(f"# aiocoll path: {how}; {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(device)}",
+              flush=True)
+    sync = torch.cuda.current_stream(device).synchronize
+    for op in args.ops:
+        for size in args.sizes:
+            cin, cout = _counts(op, size, n)
+            x = torch.full((cin,), float(rank + 1), dtype=torch.float32, device=device)
+            out = torch.empty(cout, dtype=torch.float32, device=device)
+            if op == "all_reduce":
+                target = x if args.in_place else out
+
+                async def call() -> Any:
+                    return await aiocoll.all_reduce(x, out=target)
+
+                want: Any = torch.full((cout,), n * (n + 1) / 2, dtype=torch.float32, device=device)
+            elif op == "all_gather":
+
+                async def call() -> Any:
+                    return await aiocoll.all_gather(x)
+
+                want = torch.arange(1, n + 1, dtype=torch.float32, device=device).repeat_interleave(cin)
+            elif op == "reduce_scatter":
+
+                async def call() -> Any:
+                    return await aiocoll.reduce_scatter(x)
+
+                want = torch.full((cout,), n * (n + 1) / 2, dtype=torch.float32, device=device)
+            else:
+
+                async def call() -> Any:
+                    return await aiocoll.broadcast(x, 0)
+
+                want = torch.full((cout,), 1.0, dtype=torch.float32, device=device)
+            got = await call()
+            sync()
+            if not torch.equal(got, want):
+                raise AssertionError(f"aiocoll {op} of {size} bytes on CUDA gave a wrong result on rank {rank}")
+            x.fill_(float(rank + 1))
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(WARMUP):
+                await call()
+                sync()
+            est = await aiocoll.broadcast(torch.tensor([(time.perf_counter() - t0) / WARMUP], dtype=torch.float64), 0)
+            iters = _iterations(float(est[0]), args.target_s)
+            times = torch.empty(iters, dtype=torch.float64)
+            await aiocoll.barrier()
+            for i in range(iters):
+                t0 = time.perf_counter()
+                await call()
+                sync()
+                times[i] = time.perf_counter() - t0
+            slowest = await aiocoll.all_reduce(times, "max")
+            if rank == 0:
+                _emit(op, size, n, iters, slowest.tolist())
+            del x, out, got, want, call
+
+
+def _gloo_worker(args: argparse.Namespace, backend: str = "gloo") -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    cuda = args.device == "cuda"
+    device = _cuda_device(args.rank) if cuda else torch.device("cpu")
+    extra: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world_size
+        backend, init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world_size, **extra
     )
     rank, n = args.rank, args.world_size
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     try:
         for op in args.ops:
             for size in args.sizes:
                 cin, cout = _counts(op, size, n)
-                x = torch.full((cin,), float(rank + 1), dtype=torch.float32)
-                out = torch.empty(cout, dtype=torch.float32)
+                x = torch.full((cin,), float(rank + 1), dtype=torch.float32, device=device)
+                out = torch.empty(cout, dtype=torch.float32, device=device)
                 if op == "all_reduce":
 
                     def call() -> None:
@@ -236,7 +338,7 @@ def _gloo_worker(args: argparse.Namespace) -> None:
 
                     def check() -> bool:
                         call()
-                        return bool(torch.equal(out, torch.arange(1, n + 1).float().repeat_interleave(cin)))
+                        return bool(torch.equal(out, torch.arange(1, n + 1, device=device).float().repeat_interleave(cin)))
                 elif op == "reduce_scatter":
 
                     def call() -> None:
@@ -260,11 +362,13 @@ def _gloo_worker(args: argparse.Namespace) -> None:
                         print(_RESULT + json.dumps({"op": op, "size": size, "error": str(exc).splitlines()[0]}), flush=True)
                     continue
                 if not ok:
-                    raise AssertionError(f"gloo {op} of {size} bytes gave a wrong result on rank {rank}")
+                    raise AssertionError(f"{backend} {op} of {size} bytes gave a wrong result on rank {rank}")
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(WARMUP):
                     call()
-                est = torch.tensor([(time.perf_counter() - t0) / WARMUP], dtype=torch.float64)
+                    sync()
+                est = torch.tensor([(time.perf_counter() - t0) / WARMUP], dtype=torch.float64, device=device)
                 dist.broadcast(est, src=0)
                 iters = _iterations(est.item(), args.target_s)
                 times = torch.empty(iters, dtype=torch.float64)
@@ -272,8 +376,11 @@ def _gloo_worker(args: argparse.Namespace) -> None:
                 for i in range(iters):
                     t0 = time.perf_counter()
                     call()
+                    sync()
                     times[i] = time.perf_counter() - t0
+                times = times.to(device)
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)
+                times = times.cpu()
                 if rank == 0:
                     _emit(op, size, n, iters, times.tolist())
     finally:
@@ -342,7 +449,7 @@ def _mpi_worker(args: argparse.Namespace) -> None:
 
 def _worker_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m aiocoll.launch.bench --worker")
-    p.add_argument("--worker", choices=("aiocoll", "gloo", "mpi"), required=True)
+    p.add_argument("--worker", choices=("aiocoll", "gloo", "nccl", "mpi"), required=True)
     p.add_argument("--ops", type=lambda s: s.split(","), required=True)
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], required=True)
     p.add_argument("--rank", type=int, default=0)
@@ -352,13 +459,14 @@ def _worker_main(argv: Sequence[str]) -> int:
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--target-s", type=float, default=1.0)
     p.add_argument("--in-place", action="store_true")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args(list(argv))
     if args.worker == "aiocoll":
         from ..core.loop import run
 
         run(_aiocoll_worker(args))
-    elif args.worker == "gloo":
-        _gloo_worker(args)
+    elif args.worker in ("gloo", "nccl"):
+        _gloo_worker(args, args.worker)
     else:
         _mpi_worker(args)
     return 0
@@ -396,7 +504,7 @@ def _env(job_id: str) -> dict[str, str]:
 def _common(args: argparse.Namespace, ops: list[str]) -> list[str]:
     return [
         "--ops", ",".join(ops), "--sizes", ",".join(map(str, args.sizes)),
-        "--target-s", repr(args.target_s), "--timeout", repr(args.timeout),
+        "--target-s", repr(args.target_s), "--timeout", repr(args.timeout), "--device", args.device,
         *(["--in-place"] if args.in_place else []),
     ]
 
@@ -482,7 +590,7 @@ def _run_phase(args: argparse.Namespace, lib: str, ops: list[str], env: dict[str
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   start_new_session=True)]
     else:
-        procs = _spawn_ranks(args, "aiocoll" if lib == "aiocoll" else "gloo", ops, env)
+        procs = _spawn_ranks(args, lib, ops, env)
     _collect(procs, lib, args.phase_timeout, on_row)
 
 
@@ -552,7 +660,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default="auto", help="aiocoll transport: auto, shm, tcp (default auto)")
     p.add_argument("--sizes", default=DEFAULT_SIZES,
                    help="LOW:HIGH[:FACTOR] (powers of FACTOR, default 4) or a list 4,1K,64M (default 4:256M)")
-    p.add_argument("--compare", default="", help="also run gloo and/or mpi: gloo, mpi or gloo,mpi")
+    p.add_argument("--compare", default="",
+                   help="also run gloo, mpi (CPU) or nccl (--device cuda, one GPU per rank), comma-separated")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: numpy arrays (default); cuda: CUDA float32 tensors, for every library")
     p.add_argument("--plot", metavar="F.png", help="write busbw against size (needs matplotlib)")
     p.add_argument("--target-s", type=float, default=1.0, help="seconds of timed calls per size (default 1)")
     p.add_argument("--in-place", action="store_true",
@@ -586,17 +697,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     ops = [o.strip() for o in args.op.split(",") if o.strip()]
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
-    bad = [o for o in ops if o not in OPS] + [c for c in compare if c not in ("gloo", "mpi")]
+    # NCCL moves CUDA tensors only: with numpy arrays there is nothing to compare it on.
+    known = ("gloo", "mpi", "nccl") if args.device == "cuda" else ("gloo", "mpi")
+    bad = [o for o in ops if o not in OPS] + [c for c in compare if c not in known]
     if bad or args.n < 1 or not ops:
         parser.print_usage(sys.stderr)
-        print(f"aiocoll bench: unknown op or comparison {bad}; ops: {', '.join(OPS)}; compare: gloo, mpi",
+        print(f"aiocoll bench: unknown op or comparison {bad}; ops: {', '.join(OPS)}; compare: gloo, mpi "
+              "(and nccl with --device cuda)",
               file=sys.stderr)
         return 2
     job_id = secrets.token_hex(8)
     env = _env(job_id)
     results: dict[str, dict[tuple[str, int], Row]] = {lib: {} for lib in ["aiocoll", *compare]}
     load = os.getloadavg()
-    print(f"# aiocoll bench: {args.n} ranks, transport {args.transport}, float32, sum; host {platform.node()}, "
+    print(f"# aiocoll bench: {args.n} ranks, transport {args.transport}, float32 on {args.device}, sum; "
+          f"host {platform.node()}, "
           f"{os.cpu_count()} cpus, python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
           f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     code = 0

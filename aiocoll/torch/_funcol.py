@@ -133,7 +133,7 @@ async def wait_async(tensor: torch.Tensor) -> torch.Tensor:
         import asyncio
 
         # torch's Work completes on the world's loop (the "aiocoll" backend) or on torch's threads.
-        return await asyncio.to_thread(tensor.wait)  # type: ignore[attr-defined, no-any-return]
+        return await asyncio.to_thread(tensor.wait)  # type: ignore[attr-defined, no-any-return, unused-ignore]
     from ._work import work_of
 
     work = work_of(tensor)
