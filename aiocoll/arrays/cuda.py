@@ -17,9 +17,10 @@ Imported only when a CUDA array is seen (or by the GPU engine), so torch stays o
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +28,12 @@ import torch.utils.dlpack
 
 from .dtypes import WireDtype
 from .ops import ReduceOp
+
+#: CUDA streams to stage copies on, by device index: set (in a task's context) by callers that
+#: run a collective on another thread than the one whose stream ordered the tensor's producers.
+cuda_streams: contextvars.ContextVar[Mapping[int, Any] | None] = contextvars.ContextVar(
+    "aiocoll_cuda_streams", default=None
+)
 
 _KCUDA = 2  # DLPack's device type of CUDA memory
 
@@ -88,7 +95,6 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 def stream_of(t: torch.Tensor) -> Any:
     """The stream a collective on ``t`` runs its kernels on: the caller's, as recorded by
     ``aiocoll.arrays.tensors.recorded_streams`` (sync API, aiocoll.torch), else the current one."""
-    from .tensors import cuda_streams
 
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     streams = cuda_streams.get()

@@ -22,22 +22,17 @@ CUDA tensor sees every earlier write to it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from .cuda import cuda_streams
 from .payload import Array, Payload
 from .dtypes import WireDtype, wire_dtype
 
-#: CUDA streams to stage copies on, by device index: set (in a task's context) by callers that
-#: run a collective on another thread than the one whose stream ordered the tensor's producers.
-cuda_streams: contextvars.ContextVar[Mapping[int, Any] | None] = contextvars.ContextVar(
-    "aiocoll_cuda_streams", default=None
-)
 
 #: Device tensors at least this large are staged through pinned host memory.
 PIN_THRESHOLD = 1 << 16

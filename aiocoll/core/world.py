@@ -24,7 +24,11 @@ from .comm import Communicator
 from .errors import NotInitializedError, StoreError
 from ..groups.group import ProcessGroup, group_id
 from ..groups.registry import GroupRegistry
+from ..algorithms.dissemination import dissemination_barrier
+from ..engines.messages import MESSAGES
+from ..engines.plan import Plan
 from .settings import Settings
+from .wire import Kind
 from .timeouts import seconds
 from ..transports import Transport, TransportConfig, get_transport
 
@@ -430,10 +434,13 @@ async def leave(*, barrier: bool, abort: bool) -> None:
     met = False
     try:
         if barrier and w.world_size > 1:
-            from ..collectives.tensors import barrier as _barrier
-
             try:
-                await _barrier(w.group, timeout=min(w.timeout, 30.0))
+                # The world group's barrier, handed straight to the message engine (what
+                # aiocoll.barrier does), so that the world needs nothing from the collectives.
+                g = w.group
+                plan = Plan("barrier", Kind.BARRIER, g.next_seq(), min(w.timeout, 30.0),
+                            schedule=dissemination_barrier)
+                await MESSAGES.run(g, plan)
                 met = True
             except Exception as exc:  # a dead peer must not keep us from cleaning up
                 log.warning("rank %d: barrier in destroy() failed: %s", w.rank, exc)
