@@ -13,11 +13,11 @@ installed with, ``torch`` and ``testing``. Errors: see ``aiocoll.core.errors`` f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING as _TYPE_CHECKING
+import typing as _typing
 
 from .collectives.tensors import barrier, send
 
-if _TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     # What the checker sees: overloads that keep the array type and name the ops (collectives/_typing.pyi).
     from .collectives._typing import (
         all_gather,
