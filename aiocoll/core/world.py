@@ -30,6 +30,10 @@ from ..transports import Transport, TransportConfig, get_transport
 log = logging.getLogger("aiocoll")
 
 DEFAULT_TIMEOUT = 60.0
+#: How long ``init`` waits for the other ranks by default: ranks of one job may start minutes
+#: apart (nodes booting containers, importing torch), while a collective that takes a minute
+#: is stuck.
+DEFAULT_JOIN_TIMEOUT = 300.0
 
 _current: contextvars.ContextVar[World | None] = contextvars.ContextVar("aiocoll_world", default=None)
 in_harness: contextvars.ContextVar[bool] = contextvars.ContextVar("aiocoll_in_harness", default=False)
@@ -114,8 +118,10 @@ async def _start(
     ssl_client: _ssl.SSLContext | None,
     transport_options: Mapping[str, Any] | None,
     insecure: bool,
+    join_timeout: float | None = None,
 ) -> World:
-    from ..launch.env import read_insecure, read_launch_env, read_timeout
+    from ..launch.address import choose_host, route_target
+    from ..launch.env import read_insecure, read_join_timeout, read_launch_env, read_timeout
 
     if not isinstance(insecure, bool):
         raise TypeError(f"insecure must be True or False, got {insecure!r}")
@@ -131,12 +137,28 @@ async def _start(
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
     timeout = seconds(timeout) if timeout is not None else (read_timeout() or DEFAULT_TIMEOUT)
+    join = (
+        seconds(join_timeout, "join_timeout")
+        if join_timeout is not None
+        else (read_join_timeout() or DEFAULT_JOIN_TIMEOUT)
+    )
     transport = transport or os.environ.get("AIOCOLL_TRANSPORT") or "auto"
     if secret is None:
         secret = os.environ.get("AIOCOLL_SECRET") or (env.secret if env is not None else None)
     secret_b = secret.encode() if isinstance(secret, str) else (secret or b"")
+    route: str | None = None
+    store_options: dict[str, Any] = {}
+    if store is None and env is not None:
+        # The launcher's own store or channel where it has one (torchrun, mpirun + mpi4py).
+        from ..launch.rendezvous import launcher_store
+
+        met = await launcher_store(env, rank=rank, world_size=world_size, secret=secret_b, join_timeout=join)
+        store, route, store_options = met.store, met.route_to, met.options
+        secret_b = secret_b or met.secret
     if store is None:
-        store = os.environ.get("AIOCOLL_STORE") or (env.store if env is not None else None)
+        store = os.environ.get("AIOCOLL_STORE")
+    if route is None:
+        route = route_target(store)
 
     comm = Communicator(rank, world_size)
     w = World(rank, world_size, comm, timeout=timeout)
@@ -161,11 +183,20 @@ async def _start(
         )
     from ..store.base import open_store
 
-    w.store = await open_store(
-        store, rank=rank, world_size=world_size, secret=secret_b, timeout=timeout, ssl_server=ssl, ssl_client=ssl_client
-    )
+    if host is None:
+        spans = env is not None and env.local_world_size is not None and env.local_world_size < world_size
+        host = await choose_host(route, spans_hosts=spans)
     try:
-        await _connect_all(w, transport, secret_b, host, ssl, ssl_client, dict(transport_options or {}))
+        w.store = await open_store(
+            store, rank=rank, world_size=world_size, secret=secret_b, timeout=join, ssl_server=ssl,
+            ssl_client=ssl_client, **store_options,
+        )
+    except BaseException:
+        if not isinstance(store, str):
+            await store.aclose()  # a launcher's store opened above
+        raise
+    try:
+        await _connect_all(w, transport, secret_b, host, join, ssl, ssl_client, dict(transport_options or {}))
     except BaseException:
         comm.abort()
         await w.store.aclose()
@@ -196,7 +227,8 @@ async def _connect_all(
     w: World,
     transport: str,
     secret: bytes,
-    host: str | None,
+    bind: str,
+    join: float,
     ssl: _ssl.SSLContext | None,
     ssl_client: _ssl.SSLContext | None,
     options: dict[str, Any],
@@ -215,8 +247,7 @@ async def _connect_all(
             secret = new_secret()
             await w.store.set(f"{space}/secret", secret)
         else:
-            secret = await w.store.get(f"{space}/secret", timeout=w.timeout)
-    bind = host or os.environ.get("AIOCOLL_HOST") or "127.0.0.1"
+            secret = await w.store.get(f"{space}/secret", timeout=join)
     started: dict[str, Transport] = {}
     addresses: dict[str, str] = {}
     for name in names:
@@ -239,7 +270,7 @@ async def _connect_all(
     await w.store.set(f"{space}/addr/{rank}", json.dumps(me).encode())
 
     async def link(peer: int) -> None:
-        info = json.loads(await w.store.get(f"{space}/addr/{peer}", timeout=w.timeout))
+        info = json.loads(await w.store.get(f"{space}/addr/{peer}", timeout=join))
         theirs: dict[str, str] = info["addresses"]
         same_host = info["host"] == me["host"]
         for name in names:
@@ -303,12 +334,16 @@ def init(
     ssl_client: _ssl.SSLContext | None = None,
     transport_options: Mapping[str, Any] | None = None,
     insecure: bool = False,
+    join_timeout: float | None = None,
 ) -> _Init:
     """Join the world: ``pg = await aiocoll.init(...)`` or ``async with aiocoll.init(...) as pg``.
 
     Arguments left out come from the environment (torchrun, Open MPI, MPICH or SLURM variables;
-    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_SECRET``, ``AIOCOLL_INSECURE``), else
-    rank 0 of a world of 1.
+    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_JOIN_TIMEOUT``, ``AIOCOLL_SECRET``,
+    ``AIOCOLL_INSECURE``, ``AIOCOLL_HOST``, ``AIOCOLL_IFNAME``), else rank 0 of a world of 1.
+    With no store given, a launcher's is used: torch's store under torchrun (which also shares
+    the secret), one rank 0 announces over MPI under mpirun with mpi4py, or one derived from
+    Slurm's node list and job id (``aiocoll.launch.env`` and ``aiocoll.launch.rendezvous``).
 
     A world of several ranks needs a shared secret (``secret=``, ``AIOCOLL_SECRET``, or the one
     ``aiocoll run`` makes per job): it authenticates the store and every connection. Without
@@ -321,11 +356,14 @@ def init(
             a Store object. Not needed for a world of one.
         transport: ``"auto"`` (shared memory on one host, TCP between hosts), ``"tcp"``,
             ``"shm"``, ``"ucx"``, ``"inproc"``, or a plugin's name.
-        timeout: default seconds for every collective and for meeting the other ranks (a
-            positive, finite number).
+        timeout: default seconds for every collective (a positive, finite number).
+        join_timeout: seconds to wait for the store and the other ranks to meet (default
+            ``AIOCOLL_JOIN_TIMEOUT``, else 300).
         secret: shared secret that authenticates the store and every connection.
         insecure: start without a shared secret (see above).
-        host: address to listen on and advertise (default 127.0.0.1, or ``AIOCOLL_HOST``).
+        host: address to listen on and advertise (default ``AIOCOLL_HOST``, else the address
+            of ``AIOCOLL_IFNAME``, else of the interface that routes to the store's host:
+            127.0.0.1 for a store on this host; see ``aiocoll.launch.address``).
         ssl / ssl_client: TLS contexts for TCP between hosts.
 
     Raises:
@@ -345,6 +383,7 @@ def init(
         ssl=ssl,
         ssl_client=ssl_client,
         transport_options=transport_options,
+        join_timeout=join_timeout,
     )
 
 
