@@ -146,7 +146,9 @@ def _source_root() -> str | None:
     A rank runs ``python script.py`` with the script's directory on ``sys.path``, not ours, so
     an uninstalled checkout would otherwise be invisible to the ranks it launched.
     """
-    root = Path(__file__).resolve().parent.parent
+    # The directory that holds the aiocoll package, not the package itself: on PYTHONPATH,
+    # aiocoll/ would make its sub-packages top-level names (aiocoll/torch shadowing torch).
+    root = Path(__file__).resolve().parents[2]
     if root.name in ("site-packages", "dist-packages"):
         return None
     return str(root)
