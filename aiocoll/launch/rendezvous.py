@@ -4,8 +4,9 @@
 has a trusted channel of its own, a shared secret)::
 
     torchrun            torch's own TCPStore on MASTER_ADDR:MASTER_PORT (served by torchrun's
-                        agent, or by rank 0 as torch's env:// does), through the adapter of the
-                        torch backend, keys under aiocoll/<restart count>/. Without
+                        agent, or by rank 0 as torch's env:// does), through the adapter the
+                        torch backend uses (``aiocoll.store.c10d``), keys under
+                        aiocoll/<restart count>/. Without
                         AIOCOLL_SECRET, rank 0 draws a secret and shares it through that store,
                         as init_process_group("aiocoll") does: whoever can read torch's store can
                         join torch.distributed's process group anyway.
@@ -28,7 +29,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -52,90 +53,6 @@ class Meeting:
     secret: bytes = b""
     route_to: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-
-
-class LauncherStore:
-    """A launcher's store (torch's) as an aiocoll Store: its failures raise StoreError naming it."""
-
-    def __init__(self, inner: Store, name: str, route_to: str | None) -> None:
-        self._inner = inner
-        self._name = name
-        self.route_to = route_to
-
-    def __repr__(self) -> str:
-        return f"LauncherStore({self._name})"
-
-    def _error(self, what: str, exc: Exception) -> StoreError:
-        return StoreError(f"{self._name}: {what} failed: {exc}")
-
-    async def set(self, key: str, value: bytes) -> None:
-        """See Store.set.
-
-        Raises:
-            StoreError: the launcher's store failed.
-        """
-        try:
-            await self._inner.set(key, value)
-        except (StoreError, ValueError, TypeError):
-            raise
-        except Exception as exc:
-            raise self._error(f"set {key!r}", exc) from exc
-
-    async def get(self, key: str, timeout: float | None = None) -> bytes:
-        """See Store.get.
-
-        Raises:
-            StoreError: timeout, or the launcher's store failed.
-        """
-        try:
-            return await self._inner.get(key, timeout)
-        except (StoreError, ValueError, TypeError):
-            raise
-        except Exception as exc:
-            raise self._error(f"get {key!r} (timeout {timeout} s)", exc) from exc
-
-    async def add(self, key: str, amount: int = 1) -> int:
-        """See Store.add.
-
-        Raises:
-            StoreError: the launcher's store failed.
-        """
-        try:
-            return await self._inner.add(key, amount)
-        except (StoreError, ValueError, TypeError):
-            raise
-        except Exception as exc:
-            raise self._error(f"add {key!r}", exc) from exc
-
-    async def wait(self, keys: Sequence[str], timeout: float | None = None) -> None:
-        """See Store.wait.
-
-        Raises:
-            StoreError: timeout, or the launcher's store failed.
-        """
-        try:
-            await self._inner.wait(keys, timeout)
-        except (StoreError, ValueError, TypeError):
-            raise
-        except Exception as exc:
-            raise self._error(f"wait {list(keys)!r} (timeout {timeout} s)", exc) from exc
-
-    async def delete(self, key: str) -> bool:
-        """See Store.delete.
-
-        Raises:
-            StoreError: the launcher's store failed.
-        """
-        try:
-            return await self._inner.delete(key)
-        except (StoreError, ValueError, TypeError):
-            raise
-        except Exception as exc:
-            raise self._error(f"delete {key!r}", exc) from exc
-
-    async def aclose(self) -> None:
-        """Release this handle (the launcher owns the store itself)."""
-        await self._inner.aclose()
 
 
 async def launcher_store(
@@ -189,7 +106,7 @@ async def _torchrun(
     try:
         import torch.distributed as dist
 
-        from ..torch._backend import C10dStore
+        from ..store.c10d import C10dStore
     except ImportError as exc:
         raise RuntimeError(f"torchrun started this process, but torch.distributed cannot be imported: {exc}") from exc
     # torch's env:// rendezvous: the agent serves the store when it says so, else rank 0 does.
@@ -214,7 +131,7 @@ async def _torchrun(
         raw = await asyncio.to_thread(connect)
     except Exception as exc:
         raise StoreError(f"cannot connect to {name} within {join_timeout} s: {exc}") from exc
-    store = LauncherStore(C10dStore(raw), name, url.host)
+    store = C10dStore(raw, name=name, route_to=url.host)
     if not secret:
         # One key per start of this rank: a rank that starts a second world in the same
         # attempt must not read the first one's secret before rank 0 has set the new one.
@@ -327,4 +244,4 @@ def _bcast(comm: Any, payload: bytes) -> bytes:
     return bytes(buf)
 
 
-__all__ = ["LauncherStore", "Meeting", "launcher_store"]
+__all__ = ["Meeting", "launcher_store"]
