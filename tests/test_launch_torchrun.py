@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,9 @@ def _expected(seed: int, size: int) -> np.ndarray:
     return sum(np.random.default_rng([seed, r]).standard_normal(1000) for r in range(size))
 
 
-def _results(stdout: str) -> list[dict]:
-    return [json.loads(line[line.index("{"):]) for line in stdout.splitlines() if '"rank"' in line]
+def _results(out: Path) -> list[dict]:
+    # One file per rank: ranks sharing a pipe may interleave their long lines.
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
 @pytest.fixture
@@ -49,15 +51,15 @@ def seed() -> int:
     return int(np.random.default_rng().integers(1 << 30))
 
 
-def test_init_under_torchrun_on_one_host_needs_no_variable_of_ours(seed: int) -> None:
+def test_init_under_torchrun_on_one_host_needs_no_variable_of_ours(seed: int, tmp_path: Path) -> None:
     if not TORCHRUN.exists():
         pytest.skip(f"torchrun is not installed next to {sys.executable} (pip install torch)")
     proc = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(SCRIPT), str(seed)],
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(SCRIPT), str(seed), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=240, env=_clean_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = _results(proc.stdout)
+    results = _results(tmp_path)
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         np.testing.assert_allclose(r["sum"], _expected(seed, 2))
@@ -117,29 +119,29 @@ def test_init_under_torchrun_on_two_hosts_meets_over_the_routed_interface(two_ho
             # Its own hostname too: ranks of one "host" share memory, the hosts do not.
             command = (
                 f"hostname node{node} && exec {TORCHRUN} --nnodes 2 --node-rank {node} --nproc-per-node 2 "
-                f"--master-addr {SUBNET}.1 --master-port {port} {SCRIPT} {seed}"
+                f"--master-addr {SUBNET}.1 --master-port {port} {SCRIPT} {seed} --out {tmp}"
             )
             out = open(Path(tmp) / f"node{node}.out", "w+")
             procs.append((subprocess.Popen(
                 ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", command],
-                stdout=out, stderr=subprocess.STDOUT, text=True, env=_clean_env(),
+                stdout=out, stderr=subprocess.STDOUT, text=True, env=_clean_env(), start_new_session=True,
             ), out))
         try:
             for proc, _ in procs:
                 proc.wait(timeout=240)
         finally:
             for proc, _ in procs:
-                if proc.poll() is None:
-                    proc.kill()
+                if proc.poll() is None:  # torchrun and its workers: the whole session
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         outputs = []
         for proc, out in procs:
             out.seek(0)
             outputs.append(out.read())
             out.close()
-    for (proc, _), text in zip(procs, outputs):
-        assert proc.returncode == 0, text[-4000:]
-    results = [r for text in outputs for r in _results(text)]
+        for (proc, _), text in zip(procs, outputs):
+            assert proc.returncode == 0, text[-4000:]
+        results = _results(Path(tmp))
     assert sorted(r["rank"] for r in results) == [0, 1, 2, 3]
     for r in results:
         np.testing.assert_allclose(r["sum"], _expected(seed, 4))

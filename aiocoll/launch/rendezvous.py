@@ -89,8 +89,10 @@ async def launcher_store(
         return Meeting(env.store, route_to=route_target(env.store))
     if env.store is None and env.source in ("openmpi", "mpich") and world_size > 1:
         raise ValueError(
-            f"mpirun ({env.source}) across hosts names no store: install mpi4py (rank 0 then "
-            "shares its address over MPI), or set MASTER_ADDR and MASTER_PORT (or AIOCOLL_STORE)"
+            f"mpirun ({env.source}) gives no store: install mpi4py (rank 0 then shares its address "
+            "over MPI), or set MASTER_ADDR and MASTER_PORT (or AIOCOLL_STORE). Without them aiocoll "
+            "derives a store only for ranks all on one host of an MPI that names its job "
+            "(PMIX_NAMESPACE, OMPI_MCA_ess_base_jobid: Open MPI), or inside a Slurm allocation"
         )
     return Meeting(env.store, route_to=route_target(env.store))
 
