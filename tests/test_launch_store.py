@@ -100,18 +100,20 @@ async def test_the_join_timeout_bounds_meeting_and_nothing_else(monkeypatch) -> 
     assert time.monotonic() - started < 5
     monkeypatch.delenv("AIOCOLL_JOIN_TIMEOUT")
 
-    # A short collective timeout does not hurry the meeting: rank 1 comes 1.5 s late.
+    # A short collective timeout does not hurry the meeting: rank 1 comes 2.5 s late, five
+    # times the world's collective timeout.
     url = f"tcp://127.0.0.1:{_free_port()}"
 
     async def rank(r: int) -> tuple[float, np.ndarray]:
         in_harness.set(True)
         if r == 1:
-            await asyncio.sleep(1.5)
-        async with aiocoll.init(rank=r, world_size=2, store=url,
-                                transport="tcp", secret=SECRET, timeout=0.5, join_timeout=30):
-            return current_world().timeout, await aiocoll.all_reduce(np.arange(4.0) + r)
+            await asyncio.sleep(2.5)
+        async with aiocoll.init(rank=r, world_size=2, store=url, transport="tcp", secret=SECRET, timeout=0.5,
+                                join_timeout=60):
+            # The collective gets a wide timeout of its own: only the meeting is under test.
+            return current_world().timeout, await aiocoll.all_reduce(np.arange(4.0) + r, timeout=60)
 
-    results = await asyncio.wait_for(asyncio.gather(rank(0), rank(1)), 60)
+    results = await asyncio.wait_for(asyncio.gather(rank(0), rank(1)), 90)
     for timeout, total in results:
         assert timeout == 0.5
         np.testing.assert_array_equal(total, 2 * np.arange(4.0) + 1)
@@ -198,7 +200,12 @@ async def test_torchs_store_errors_are_store_errors() -> None:
     dist = pytest.importorskip("torch.distributed")
     from aiocoll.store.c10d import C10dStore
 
+    tcp = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    # init_process_group("aiocoll") hands over a PrefixStore: its TCPStore's host picks the
+    # address this rank listens on (multi-node, the route to MASTER_ADDR).
+    assert C10dStore(dist.PrefixStore("p", dist.PrefixStore("q", tcp))).route_to == "127.0.0.1"
     store = C10dStore(dist.HashStore(), name="torch's test store")
+    assert store.route_to is None
     await store.set("a", b"1")
     assert await store.get("a", timeout=1) == b"1"
     with pytest.raises(StoreError, match="torch's test store"):

@@ -386,8 +386,11 @@ def _free_port() -> int:
 
 def _env(job_id: str) -> dict[str, str]:
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.basename(root) not in ("site-packages", "dist-packages"):
+    from .launcher import _source_root
+
+    # The directory holding aiocoll/, not aiocoll/ itself (whose torch/ would shadow torch).
+    root = _source_root()
+    if root is not None:
         parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if root not in parts:
             env["PYTHONPATH"] = os.pathsep.join([root, *parts])

@@ -18,6 +18,18 @@ from ..core.errors import StoreError
 T = TypeVar("T")
 
 
+def _tcp_host(store: Any) -> str | None:
+    """The host of the TCPStore under ``store`` (through PrefixStores), or None."""
+    for _ in range(16):  # PrefixStores nest a few deep (torch's per-group prefixes), never more
+        host = getattr(store, "host", None)
+        if isinstance(host, str) and host:
+            return host
+        store = getattr(store, "underlying_store", None)
+        if store is None:
+            return None
+    return None
+
+
 class C10dStore:
     """An aiocoll Store over a ``torch.distributed.Store``.
 
@@ -29,7 +41,7 @@ class C10dStore:
     def __init__(self, store: Any, *, name: str = "torch's store", route_to: str | None = None) -> None:
         self._store = store
         self._name = name
-        self.route_to = route_to
+        self.route_to = route_to if route_to is not None else _tcp_host(store)
 
     def __repr__(self) -> str:
         return f"C10dStore({self._name})"
