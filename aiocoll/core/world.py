@@ -120,8 +120,7 @@ async def _start(
     insecure: bool,
     join_timeout: float | None = None,
 ) -> World:
-    from ..launch.address import choose_host, route_target
-    from ..launch.env import read_insecure, read_join_timeout, read_launch_env, read_timeout
+    from ..launch.env import read_join_timeout, read_launch_env, read_timeout
 
     if not isinstance(insecure, bool):
         raise TypeError(f"insecure must be True or False, got {insecure!r}")
@@ -155,11 +154,41 @@ async def _start(
         met = await launcher_store(env, rank=rank, world_size=world_size, secret=secret_b, join_timeout=join)
         store, route, store_options = met.store, met.route_to, met.options
         secret_b = secret_b or met.secret
+        if store is not None and not isinstance(store, str):
+            try:
+                return await _start_on(rank, world_size, store, route, store_options, env, transport, timeout,
+                                       join, secret_b, host, ssl, ssl_client, transport_options, insecure)
+            except BaseException:
+                await store.aclose()  # opened here, for this world only (an MPI-shared server)
+                raise
     if store is None:
         store = os.environ.get("AIOCOLL_STORE")
+    return await _start_on(rank, world_size, store, route, store_options, env, transport, timeout, join, secret_b,
+                           host, ssl, ssl_client, transport_options, insecure)
+
+
+async def _start_on(
+    rank: int,
+    world_size: int,
+    store: Any,
+    route: str | None,
+    store_options: dict[str, Any],
+    env: Any,
+    transport: str,
+    timeout: float,
+    join: float,
+    secret_b: bytes,
+    host: str | None,
+    ssl: _ssl.SSLContext | None,
+    ssl_client: _ssl.SSLContext | None,
+    transport_options: Mapping[str, Any] | None,
+    insecure: bool,
+) -> World:
+    from ..launch.address import choose_host, route_target
+    from ..launch.env import read_insecure
+
     if route is None:
         route = route_target(store)
-
     comm = Communicator(rank, world_size)
     w = World(rank, world_size, comm, timeout=timeout)
     if world_size == 1 and store is None:
@@ -186,15 +215,10 @@ async def _start(
     if host is None:
         spans = env is not None and env.local_world_size is not None and env.local_world_size < world_size
         host = await choose_host(route, spans_hosts=spans)
-    try:
-        w.store = await open_store(
-            store, rank=rank, world_size=world_size, secret=secret_b, timeout=join, ssl_server=ssl,
-            ssl_client=ssl_client, **store_options,
-        )
-    except BaseException:
-        if not isinstance(store, str):
-            await store.aclose()  # a launcher's store opened above
-        raise
+    w.store = await open_store(
+        store, rank=rank, world_size=world_size, secret=secret_b, timeout=join, ssl_server=ssl,
+        ssl_client=ssl_client, **store_options,
+    )
     try:
         await _connect_all(w, transport, secret_b, host, join, ssl, ssl_client, dict(transport_options or {}))
     except BaseException:
