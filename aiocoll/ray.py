@@ -33,7 +33,6 @@ has left (``await aiocoll.destroy()``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +47,7 @@ ray: Any = _ray_module
 from .core.auth import new_secret
 from .core.errors import StoreError
 from .groups.group import ProcessGroup
+from .launch.address import chosen_by_user
 from .store.base import MemoryStore
 
 NAMESPACE = "aiocoll"
@@ -206,7 +206,7 @@ def destroy_group(group_name: str = DEFAULT_GROUP) -> None:
 def _host() -> str | None:
     # The node's address unless the user picked one: other nodes reach it, whereas the route
     # to the rendezvous actor says nothing about where the members are.
-    if "AIOCOLL_HOST" in os.environ or "AIOCOLL_IFNAME" in os.environ:
+    if chosen_by_user():
         return None
     address: str = ray.util.get_node_ip_address()
     return address

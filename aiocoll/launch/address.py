@@ -129,6 +129,12 @@ async def _route_to(host: str) -> str:
         return str(s.getsockname()[0])
 
 
+def chosen_by_user(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether AIOCOLL_HOST or AIOCOLL_IFNAME picks the address (then ``choose_host`` follows
+    them, and callers with an address of their own, such as Ray's node address, step aside)."""
+    return "AIOCOLL_HOST" in environ or "AIOCOLL_IFNAME" in environ
+
+
 async def choose_host(route_to: str | None, *, spans_hosts: bool = False, environ: Mapping[str, str] = os.environ) -> str:
     """The address this rank listens on and advertises (see the module docstring).
 
@@ -170,6 +176,7 @@ async def choose_host(route_to: str | None, *, spans_hosts: bool = False, enviro
 
 __all__ = [
     "address_of_interface",
+    "chosen_by_user",
     "choose_host",
     "default_route_address",
     "interface_addresses",
