@@ -35,6 +35,10 @@ from ..transports import Transport, TransportConfig, get_transport
 log = logging.getLogger("aiocoll")
 
 DEFAULT_TIMEOUT = 60.0
+#: How long ``init`` waits for the other ranks by default: ranks of one job may start minutes
+#: apart (nodes booting containers, importing torch), while a collective that takes a minute
+#: is stuck.
+DEFAULT_JOIN_TIMEOUT = 300.0
 
 _current: contextvars.ContextVar[World | None] = contextvars.ContextVar("aiocoll_world", default=None)
 in_harness: contextvars.ContextVar[bool] = contextvars.ContextVar("aiocoll_in_harness", default=False)
@@ -127,8 +131,9 @@ async def _start(
     transport_options: Mapping[str, Any] | None,
     insecure: bool,
     settings: Settings | None = None,
+    join_timeout: float | None = None,
 ) -> World:
-    from ..launch.env import read_insecure, read_launch_env, read_timeout
+    from ..launch.env import read_join_timeout, read_launch_env, read_timeout
 
     if not isinstance(insecure, bool):
         raise TypeError(f"insecure must be True or False, got {insecure!r}")
@@ -148,13 +153,60 @@ async def _start(
         settings = Settings.from_env()
     elif not isinstance(settings, Settings):
         raise TypeError(f"settings must be an aiocoll.Settings, got {type(settings).__name__}")
+    join = (
+        seconds(join_timeout, "join_timeout")
+        if join_timeout is not None
+        else (read_join_timeout() or DEFAULT_JOIN_TIMEOUT)
+    )
     transport = transport or os.environ.get("AIOCOLL_TRANSPORT") or "auto"
     if secret is None:
         secret = os.environ.get("AIOCOLL_SECRET") or (env.secret if env is not None else None)
     secret_b = secret.encode() if isinstance(secret, str) else (secret or b"")
-    if store is None:
-        store = os.environ.get("AIOCOLL_STORE") or (env.store if env is not None else None)
+    route: str | None = None
+    store_options: dict[str, Any] = {}
+    if store is None and env is not None:
+        # The launcher's own store or channel where it has one (torchrun, mpirun + mpi4py).
+        from ..launch.rendezvous import launcher_store
 
+        met = await launcher_store(env, rank=rank, world_size=world_size, secret=secret_b, join_timeout=join)
+        store, route, store_options = met.store, met.route_to, met.options
+        secret_b = secret_b or met.secret
+        if store is not None and not isinstance(store, str):
+            try:
+                return await _start_on(rank, world_size, store, route, store_options, env, transport, timeout,
+                                       join, secret_b, host, ssl, ssl_client, transport_options, insecure, settings)
+            except BaseException:
+                await store.aclose()  # opened here, for this world only (an MPI-shared server)
+                raise
+    if store is None:
+        store = os.environ.get("AIOCOLL_STORE")
+    return await _start_on(rank, world_size, store, route, store_options, env, transport, timeout, join, secret_b,
+                           host, ssl, ssl_client, transport_options, insecure, settings)
+
+
+async def _start_on(
+    rank: int,
+    world_size: int,
+    store: Any,
+    route: str | None,
+    store_options: dict[str, Any],
+    env: Any,
+    transport: str,
+    timeout: float,
+    join: float,
+    secret_b: bytes,
+    host: str | None,
+    ssl: _ssl.SSLContext | None,
+    ssl_client: _ssl.SSLContext | None,
+    transport_options: Mapping[str, Any] | None,
+    insecure: bool,
+    settings: Settings,
+) -> World:
+    from ..launch.address import choose_host, route_target
+    from ..launch.env import read_insecure
+
+    if route is None:
+        route = route_target(store)
     comm = Communicator(rank, world_size)
     w = World(rank, world_size, comm, timeout=timeout, settings=settings)
     if world_size == 1 and store is None:
@@ -178,11 +230,15 @@ async def _start(
         )
     from ..store.base import open_store
 
+    if host is None:
+        spans = env is not None and env.local_world_size is not None and env.local_world_size < world_size
+        host = await choose_host(route, spans_hosts=spans)
     w.store = await open_store(
-        store, rank=rank, world_size=world_size, secret=secret_b, timeout=timeout, ssl_server=ssl, ssl_client=ssl_client
+        store, rank=rank, world_size=world_size, secret=secret_b, timeout=join, ssl_server=ssl,
+        ssl_client=ssl_client, **store_options,
     )
     try:
-        await _connect_all(w, transport, secret_b, host, ssl, ssl_client, dict(transport_options or {}))
+        await _connect_all(w, transport, secret_b, host, join, ssl, ssl_client, dict(transport_options or {}))
     except BaseException:
         comm.abort()
         await w.store.aclose()
@@ -213,7 +269,8 @@ async def _connect_all(
     w: World,
     transport: str,
     secret: bytes,
-    host: str | None,
+    bind: str,
+    join: float,
     ssl: _ssl.SSLContext | None,
     ssl_client: _ssl.SSLContext | None,
     options: dict[str, Any],
@@ -238,8 +295,7 @@ async def _connect_all(
             secret = new_secret()
             await w.store.set(f"{space}/secret", secret)
         else:
-            secret = await w.store.get(f"{space}/secret", timeout=w.timeout)
-    bind = host or os.environ.get("AIOCOLL_HOST") or "127.0.0.1"
+            secret = await w.store.get(f"{space}/secret", timeout=join)
     started: dict[str, Transport] = {}
     addresses: dict[str, str] = {}
     for name in names:
@@ -276,7 +332,7 @@ async def _connect_all(
     await w.store.set(f"{space}/addr/{rank}", json.dumps(me).encode())
 
     async def link(peer: int) -> None:
-        info = json.loads(await w.store.get(f"{space}/addr/{peer}", timeout=w.timeout))
+        info = json.loads(await w.store.get(f"{space}/addr/{peer}", timeout=join))
         theirs: dict[str, str] = info["addresses"]
         same_host = info["host"] == me["host"]
         for name in names:
@@ -345,12 +401,16 @@ def init(
     transport_options: Mapping[str, Any] | None = None,
     insecure: bool = False,
     settings: Settings | None = None,
+    join_timeout: float | None = None,
 ) -> _Init:
     """Join the world: ``pg = await aiocoll.init(...)`` or ``async with aiocoll.init(...) as pg``.
 
     Arguments left out come from the environment (torchrun, Open MPI, MPICH or SLURM variables;
-    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_SECRET``, ``AIOCOLL_INSECURE``), else
-    rank 0 of a world of 1.
+    ``AIOCOLL_TRANSPORT``, ``AIOCOLL_TIMEOUT``, ``AIOCOLL_JOIN_TIMEOUT``, ``AIOCOLL_SECRET``,
+    ``AIOCOLL_INSECURE``, ``AIOCOLL_HOST``, ``AIOCOLL_IFNAME``), else rank 0 of a world of 1.
+    With no store given, a launcher's is used: torch's store under torchrun (which also shares
+    the secret), one rank 0 announces over MPI under mpirun with mpi4py, or one derived from
+    Slurm's node list and job id (``aiocoll.launch.env`` and ``aiocoll.launch.rendezvous``).
 
     A world of several ranks needs a shared secret (``secret=``, ``AIOCOLL_SECRET``, or the one
     ``aiocoll run`` makes per job): it authenticates the store and every connection. Without
@@ -363,11 +423,14 @@ def init(
             a Store object. Not needed for a world of one.
         transport: ``"auto"`` (shared memory on one host, TCP between hosts), ``"tcp"``,
             ``"shm"``, ``"ucx"``, ``"inproc"``, or a plugin's name.
-        timeout: default seconds for every collective and for meeting the other ranks (a
-            positive, finite number).
+        timeout: default seconds for every collective (a positive, finite number).
+        join_timeout: seconds to wait for the store and the other ranks to meet (default
+            ``AIOCOLL_JOIN_TIMEOUT``, else 300).
         secret: shared secret that authenticates the store and every connection.
         insecure: start without a shared secret (see above).
-        host: address to listen on and advertise (default 127.0.0.1, or ``AIOCOLL_HOST``).
+        host: address to listen on and advertise (default ``AIOCOLL_HOST``, else the address
+            of ``AIOCOLL_IFNAME``, else of the interface that routes to the store's host:
+            127.0.0.1 for a store on this host; see ``aiocoll.launch.address``).
         settings: how this world runs its collectives (algorithms, the shared-memory engine);
             default ``Settings.from_env()``, the ``AIOCOLL_*`` variables. See
             ``aiocoll.Settings``.
@@ -391,6 +454,7 @@ def init(
         ssl_client=ssl_client,
         transport_options=transport_options,
         settings=settings,
+        join_timeout=join_timeout,
     )
 
 

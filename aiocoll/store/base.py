@@ -390,6 +390,8 @@ async def open_store(
     timeout: float,
     ssl_server: ssl.SSLContext | None = None,
     ssl_client: ssl.SSLContext | None = None,
+    bind_all: bool = False,
+    job_id: str | None = None,
 ) -> Store:
     """Open the store named by ``spec`` for ``rank`` of ``world_size``.
 
@@ -398,8 +400,11 @@ async def open_store(
     connects as a client to the server already running there. Other ranks connect, retrying
     with backoff until ``timeout``. Every TCP connection proves ``secret`` first; an empty
     secret authenticates nothing (the server logs a warning), as with torch's TCPStore.
-    ``file:///path`` opens a FileStore; the filesystem's permissions are its only protection,
-    so ``secret`` is not used.
+    ``file:///path`` opens a FileStore in ``path/job-<job id>`` (``job_id``, by default the
+    launcher's, see ``aiocoll.launch.env.read_job_id``), so that a directory reused by the next
+    job starts empty; directories of jobs idle for a day are removed. Without a job id the
+    store is ``path`` itself. The filesystem's permissions are its only protection, so
+    ``secret`` is not used. ``bind_all``: see ``connect_or_serve``.
 
     The caller owns the result and must ``aclose`` it; closing rank 0's store stops the server,
     and other ranks' pending calls then raise StoreError.
@@ -430,10 +435,15 @@ async def open_store(
             timeout=timeout,
             ssl_server=ssl_server,
             ssl_client=ssl_client,
+            bind_all=bind_all,
         )
-    from .file import FileStore
+    from .file import open_job_store
 
-    return FileStore(url.path)
+    if job_id is None:
+        from ..launch.env import read_job_id
+
+        job_id = read_job_id()
+    return await open_job_store(url.path, job_id)
 
 
 __all__ = [

@@ -6,6 +6,13 @@ One file per key, holding the raw value bytes (nothing is pickled)::
     <dir>/t-<random>.tmp                                        a write in progress
     <dir>/lock                                                  serialises add()
 
+Jobs: ``open_store`` (through ``open_job_store``) puts each job's keys in a directory of its
+own, ``<dir>/job-<readable id>-<sha256 of the id>``, named after the launcher's job id, so a
+directory reused by the next job (or by a job that crashed halfway through meeting) never
+hands it the last job's addresses or counters. Nothing needs the keys once the ranks have met,
+so job directories untouched for ``STALE_AFTER_S`` (a day) are removed when a job opens the
+store, as are temporary files of writers that died.
+
 The hash makes any key a safe, fixed-length file name; the prefix is only for people reading
 the directory. ``set`` writes a temporary file and ``os.replace``s it over the key's file, so a
 reader sees the old value or the new one, never half of one. ``add`` holds ``fcntl.flock`` on
@@ -30,6 +37,8 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +55,9 @@ from .base import (
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 _PREFIX_CHARS = 48
+#: A job directory (or a temporary file) not modified for this long belongs to a job that has
+#: met long ago or died: ranks only use the store while they meet.
+STALE_AFTER_S = 24 * 3600.0
 
 
 class FileStore:
@@ -256,4 +268,58 @@ class FileStore:
         self._closed = True
 
 
-__all__ = ["FileStore"]
+def job_directory(root: str | os.PathLike[str], job_id: str) -> Path:
+    """The directory that holds ``job_id``'s keys under ``root``."""
+    prefix = _UNSAFE.sub("_", job_id[:_PREFIX_CHARS])
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Path(root) / f"job-{prefix}-{digest}"
+
+
+def remove_stale(root: str | os.PathLike[str], keep: Path | None = None, *, older_than: float = STALE_AFTER_S) -> list[Path]:
+    """Remove job directories and temporary files under ``root`` idle for ``older_than`` s.
+
+    Returns what was removed. Errors are ignored: another job may be removing the same entry.
+    """
+    removed: list[Path] = []
+    cutoff = time.time() - older_than
+    try:
+        entries = list(Path(root).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry == keep or not (entry.name.startswith("job-") or entry.name.endswith(".tmp")):
+            continue
+        try:
+            if entry.lstat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                # A stale job's own temporary files are swept with it.
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+async def open_job_store(root: str | os.PathLike[str], job_id: str | None) -> FileStore:
+    """A FileStore for ``job_id`` under ``root`` (``root`` itself when None); stale entries
+    of other jobs are removed first (see the module docstring).
+
+    Raises:
+        ValueError: ``root`` exists and is not a directory.
+        StoreError: a directory cannot be created.
+    """
+    path = Path(root) if job_id is None else job_directory(root, job_id)
+    if job_id is not None and not Path(root).is_dir():
+        try:  # 0700 like the store's own directory: job names are nobody else's business
+            await asyncio.to_thread(Path(root).mkdir, 0o700, True, True)
+        except OSError as exc:
+            raise StoreError(f"cannot create file store directory {str(root)!r}: {exc}") from exc
+    store = await asyncio.to_thread(FileStore, path)
+    await asyncio.to_thread(remove_stale, root, path)
+    return store
+
+
+__all__ = ["FileStore", "STALE_AFTER_S", "job_directory", "open_job_store", "remove_stale"]

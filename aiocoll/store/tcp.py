@@ -81,6 +81,9 @@ MAX_IN_FLIGHT = 1024
 #: Largest error message the server sends; responses larger than a value are a broken server.
 MAX_MESSAGE = 64 * 1024
 NO_TIMEOUT = -1
+#: An aiocoll store answers the handshake within milliseconds; a port still silent after this
+#: long speaks another protocol (torch's TCPStore waits for its own first request forever).
+HANDSHAKE_S = 1.5
 
 
 class Op(enum.IntEnum):
@@ -440,6 +443,22 @@ class TcpStoreServer:
 # -- client -----------------------------------------------------------------------------------
 
 
+def _hint(name: str, exc: HandshakeError) -> str:
+    if "timed out" in str(exc):
+        return (
+            f"{name} accepted the connection but did not answer aiocoll's store handshake within "
+            f"{HANDSHAKE_S} s, so something else listens there, such as torch's TCPStore on "
+            "MASTER_PORT (torch.distributed.init_process_group, or a torchrun that aiocoll did not "
+            "recognise). Under torchrun aiocoll uses torch's store by itself (TORCHELASTIC_* "
+            "variables); otherwise give aiocoll a port of its own: AIOCOLL_STORE=tcp://host:port "
+            "or another MASTER_PORT"
+        )
+    return (
+        "the shared secret differs from the one this store was started with (AIOCOLL_SECRET), or "
+        f"{name} is not an aiocoll store: give aiocoll a port of its own (AIOCOLL_STORE)"
+    )
+
+
 class TcpStoreClient:
     """A connection to a TcpStoreServer. Create with ``await TcpStoreClient.connect(...)``.
 
@@ -510,11 +529,11 @@ class TcpStoreClient:
                 continue
             try:
                 server_hello = await _auth.initiate(
-                    reader, writer, secret, PURPOSE, hello, max(remaining, 1.0)
+                    reader, writer, secret, PURPOSE, hello, min(HANDSHAKE_S, max(remaining, 0.1))
                 )
             except HandshakeError as exc:
                 writer.transport.abort()
-                raise StoreError(f"store {name} handshake failed: {exc}") from exc
+                raise StoreError(f"store {name} handshake failed: {exc}; {_hint(name, exc)}") from exc
             except BaseException:
                 writer.transport.abort()
                 raise
@@ -715,11 +734,14 @@ async def connect_or_serve(
     timeout: float,
     ssl_server: SSLContext | None = None,
     ssl_client: SSLContext | None = None,
+    bind_all: bool = False,
 ) -> Store:
     """Rank 0 serves ``host:port`` unless it is taken; everyone else connects as a client.
 
     A taken port (EADDRINUSE) or a host that is not this machine's (EADDRNOTAVAIL) means the
     store is served elsewhere, e.g. by ``python -m aiocoll.store.tcp``, so rank 0 connects.
+    ``bind_all``: rank 0 serves the port on every interface (a store whose host is a node
+    name, which may resolve to loopback on that node itself), still connecting to ``host``.
 
     Raises:
         StoreError: binding failed for another reason, or the server could not be reached or
@@ -727,7 +749,7 @@ async def connect_or_serve(
     """
     if rank == 0:
         try:
-            server = await TcpStoreServer.start(host, port, secret, ssl=ssl_server)
+            server = await TcpStoreServer.start(None if bind_all else host, port, secret, ssl=ssl_server)
         except OSError as exc:
             if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
                 raise StoreError(f"cannot serve the store on {format_address(host, port)}: {exc}") from exc

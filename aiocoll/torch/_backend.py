@@ -37,41 +37,12 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future  # type: ignore[attr-defined]
 
 from aiocoll.collectives import tensors as core
+from aiocoll.store.c10d import C10dStore  # the adapter lives with the stores (torchrun uses it too)
 from aiocoll import sync as _sync
 from aiocoll.groups.group import ProcessGroup as AioGroup
 from aiocoll.arrays.ops import parse_op
 
 BACKEND = "aiocoll"
-
-
-# --------------------------------------------------------------------------- torch's store, async
-class C10dStore:
-    """An aiocoll Store over a ``torch.distributed.Store`` (blocking calls run on worker threads)."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-
-    async def set(self, key: str, value: bytes) -> None:
-        await asyncio.to_thread(self._store.set, key, value)
-
-    async def get(self, key: str, timeout: float | None = None) -> bytes:
-        await self.wait([key], timeout)
-        return bytes(await asyncio.to_thread(self._store.get, key))
-
-    async def add(self, key: str, amount: int = 1) -> int:
-        return int(await asyncio.to_thread(self._store.add, key, amount))
-
-    async def wait(self, keys: Sequence[str], timeout: float | None = None) -> None:
-        if timeout is None:
-            await asyncio.to_thread(self._store.wait, list(keys))
-        else:
-            await asyncio.to_thread(self._store.wait, list(keys), timedelta(seconds=timeout))
-
-    async def delete(self, key: str) -> bool:
-        return bool(await asyncio.to_thread(self._store.delete_key, key))
-
-    async def aclose(self) -> None:
-        return None  # torch owns its store
 
 
 # --------------------------------------------------------------------------- the process group
