@@ -32,7 +32,7 @@ import aiocoll
 import aiocoll.sync as coll
 from aiocoll.collectives import codec as _codec
 from aiocoll.collectives.codec import CodecError
-from aiocoll.store.base import MemoryStore, open_store
+from aiocoll.store import MemoryStore, open_store
 from aiocoll.store.file import FileStore
 from aiocoll.store.tcp import TcpStoreClient, TcpStoreServer
 from aiocoll.testing import run_ranks

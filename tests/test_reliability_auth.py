@@ -249,7 +249,7 @@ async def test_collectives_run_over_tls_and_a_plaintext_peer_is_refused(tls_cont
 async def test_init_with_the_wrong_secret_cannot_join_a_running_world():
     """A would-be rank 2 with the wrong secret: init fails (StoreError), the real ranks'
     collective is untouched, and the store never learns a key from it."""
-    from aiocoll.store.base import open_store
+    from aiocoll.store import open_store
     from _reliability_harness import free_port
 
     port = free_port()

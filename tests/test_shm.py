@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
@@ -342,11 +341,10 @@ def _litter(job: str, pid: int) -> str:
 
 
 def test_named_litter_is_unlinked_by_the_job_cleanup_hook():
-    from aiocoll.launch.launcher import LaunchInfo
 
     name = _litter("testjob42", 999999999)
     assert name in list(_shm_segment.named_segments("testjob42"))
-    _shm_segment.cleanup_job(LaunchInfo("testjob42", (), ()))
+    _shm_segment.cleanup_job("testjob42")
     assert name not in list(_shm_segment.named_segments())
 
 

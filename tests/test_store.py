@@ -25,7 +25,7 @@ if importlib.util.find_spec("aiocoll") is None:
 
 from aiocoll.core import auth as _auth  # noqa: E402
 from aiocoll.core.errors import StoreError  # noqa: E402
-from aiocoll.store.base import MAX_KEY_BYTES, MAX_VALUE_BYTES, MemoryStore, Store, open_store  # noqa: E402
+from aiocoll.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, MemoryStore, Store, open_store  # noqa: E402
 from aiocoll.store.file import FileStore  # noqa: E402
 from aiocoll.store.tcp import (  # noqa: E402
     REQUEST,

@@ -228,11 +228,13 @@ async def _start_on(
             rank,
             store if isinstance(store, str) else type(store).__name__,
         )
-    from ..store.base import open_store
+    from ..launch.env import read_job_id
+    from ..store import open_store
 
     if host is None:
         spans = env is not None and env.local_world_size is not None and env.local_world_size < world_size
         host = await choose_host(route, spans_hosts=spans)
+    store_options.setdefault("job_id", read_job_id())
     w.store = await open_store(
         store, rank=rank, world_size=world_size, secret=secret_b, timeout=join, ssl_server=ssl,
         ssl_client=ssl_client, **store_options,

@@ -728,10 +728,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"# {lib} failed: {exc}", flush=True)
                 code = 1
     finally:
-        from .launcher import LaunchInfo
         from ..sharedmem.segment import cleanup_job
 
-        cleanup_job(LaunchInfo(job_id, (), ()))
+        cleanup_job(job_id)
     load = os.getloadavg()
     print(f"# load at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for op in ops:

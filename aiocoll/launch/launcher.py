@@ -123,6 +123,21 @@ def unregister_cleanup(fn: Callable[[LaunchInfo], None]) -> None:
         _cleanup_hooks.remove(fn)
 
 
+def _remove_segments_of(cleanup: Callable[[str], None]) -> Callable[[LaunchInfo], None]:
+    """The cleanup hook for shared-memory segments (registered once: the same function each time)."""
+    global _segment_hook
+    if _segment_hook is None:
+
+        def hook(info: LaunchInfo) -> None:
+            cleanup(info.job_id)
+
+        _segment_hook = hook
+    return _segment_hook
+
+
+_segment_hook: Callable[[LaunchInfo], None] | None = None
+
+
 def _run_cleanup_hooks(info: LaunchInfo) -> None:
     for hook in list(_cleanup_hooks):
         try:
@@ -565,7 +580,7 @@ async def launch(
     except ImportError:  # pragma: no cover - platforms without the shm transport
         pass
     else:
-        register_cleanup(cleanup_job)
+        register_cleanup(_remove_segments_of(cleanup_job))
     envs = _rank_environments(
         os.environ if env is None else env,
         nprocs,

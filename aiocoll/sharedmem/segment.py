@@ -26,11 +26,6 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..launch.launcher import LaunchInfo
-
 #: Where POSIX shared memory lives on Linux.
 SHM_DIR = Path("/dev/shm")
 #: Every named segment of aiocoll starts with this.
@@ -150,15 +145,16 @@ def sweep_stale(min_age_s: float = STALE_AGE_S) -> list[str]:
     return removed
 
 
-def cleanup_job(info: LaunchInfo) -> None:
-    """Launcher hook: remove every named segment of the finished job ``info.job_id``.
+def cleanup_job(job_id: str) -> None:
+    """Remove every named segment of the finished job ``job_id`` (``aiocoll run`` calls it once
+    every rank has exited).
 
     Segments have no names unless neither memfd nor ``O_TMPFILE`` works (see the module
     docstring); by the time this runs every rank has exited, so nobody needs one any more.
     """
-    if not _JOB.match(info.job_id):
+    if not _JOB.match(job_id):
         return
-    for name in list(named_segments(info.job_id)):
+    for name in list(named_segments(job_id)):
         with contextlib.suppress(OSError):
             os.unlink(SHM_DIR / name)
 
