@@ -120,3 +120,24 @@ async def test_a_progress_bar_in_a_rank_shows_as_it_runs(tmp_path: Path) -> None
     result = await launch([script], 1, transport=None, timeout=None, stdout=out, stderr=err, handle_signals=False)
     assert result.exit_code == 0, err.getvalue()
     assert out.getvalue() == b"[0] \r[0] step 0\r[0] step 1\r[0] step 2\n"
+
+
+def test_ranks_import_the_real_torch_not_a_subpackage_of_aiocoll(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The launcher puts its own checkout on the ranks' path; putting the package folder there
+    # instead made aiocoll/torch (and every other sub-package) a top-level name in the ranks.
+    import aiocoll
+
+    package = str(Path(aiocoll.__file__).resolve().parent)
+    script = write_script(
+        tmp_path,
+        f"""
+        import json, os, sys
+        print(json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) + sys.path
+                          if p and os.path.realpath(p) == {package!r}]))
+        """,
+    )
+    assert main(["run", "-n", "1", script]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == "[0] []", out

@@ -171,9 +171,11 @@ def _source_root() -> str | None:
     """The directory holding this ``aiocoll`` package when it runs from a source checkout.
 
     A rank runs ``python script.py`` with the script's directory on ``sys.path``, not ours, so
-    an uninstalled checkout would otherwise be invisible to the ranks it launched.
+    an uninstalled checkout would otherwise be invisible to the ranks it launched. The folder
+    above the package, never the package itself: that would make its sub-packages top-level
+    names, and ``import torch`` in a rank would find ``aiocoll/torch``.
     """
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # aiocoll/launch/launcher.py -> the checkout
     if root.name in ("site-packages", "dist-packages"):
         return None
     return str(root)
