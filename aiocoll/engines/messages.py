@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from ..core import trace
 from ..core.comm import ActiveOp, Communicator
 from ..core.errors import CollectiveError, CollectiveTimeoutError
 from ..groups.group import ProcessGroup
@@ -133,6 +134,7 @@ async def run_schedule(
     comm = group.world.comm
     ranks = group.ranks
     active = comm.begin(group.name, group.gid, seq, name, frozenset(ranks))
+    record = trace.begin(group, seq, name, trace.nbytes(dtype, count))
     digest = call.digest
     comm.expect(active, FrameKey(group.gid, seq, 0, kind, op, dtype, 0, count, digest), call,
                 check_count=check_count, timeout=timeout)
@@ -188,10 +190,12 @@ async def run_schedule(
         else:  # the worker thread is still inside the generator: close it when it returns
             stepping.add_done_callback(lambda _: schedule.close())
         comm.end(active, exc)
+        trace.end(record, exc)
         raise
     if announce is not None:
         announce.cancel()
     comm.end(active)
+    trace.end(record)
 
 
 def _step(schedule: Schedule) -> list[Any] | None:
