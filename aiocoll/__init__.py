@@ -71,6 +71,7 @@ from .groups.api import (
     find_or_create_group,
     new_group,
     new_subgroups,
+    renew_group,
 )
 from .groups.mesh import DeviceMesh, init_device_mesh
 from .core.loop import run
@@ -115,6 +116,7 @@ __all__ = [
     "find_or_create_group",
     "new_subgroups",
     "destroy_group",
+    "renew_group",
     "expand_group",
     "DeviceMesh",
     "init_device_mesh",

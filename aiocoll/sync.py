@@ -473,6 +473,7 @@ new_subgroups = _on_loop(_groups_api.new_subgroups)
 find_group = _on_loop(_groups_api.find_group)
 find_or_create_group = _on_loop(_groups_api.find_or_create_group)
 destroy_group = _on_loop(_groups_api.destroy_group)
+renew_group = _on_loop(_groups_api.renew_group)
 expand_group = _on_loop(_groups_api.expand_group)
 init_device_mesh = _on_loop(_mesh.init_device_mesh)
 DeviceMesh = _mesh.DeviceMesh
@@ -511,6 +512,7 @@ __all__ = [
     "find_group",
     "find_or_create_group",
     "destroy_group",
+    "renew_group",
     "expand_group",
     "init_device_mesh",
     # async and sync together

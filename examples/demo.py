@@ -2,8 +2,10 @@
 
     aiocoll run -n 4 examples/demo.py
 
-While the collectives run, a heartbeat task keeps ticking on the same event loop: aiocoll never
-blocks it.
+While the collectives run, a heartbeat task keeps ticking every 5 ms on the same event loop, and
+the demo reports its longest gap against GAP_THRESHOLD_MS: a loop that aiocoll never blocks
+keeps every gap well under it (on a host with a core per rank; ranks sharing cores, or other
+load, stretch the gaps, and the demo says so rather than claiming otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import time
 import numpy as np
 
 import aiocoll
+
+#: The longest heartbeat gap still called responsive: far above a 5 ms tick, far below what a
+#: blocked loop shows (a 16 MiB reduction done on the loop takes tens of ms).
+GAP_THRESHOLD_MS = 50.0
 
 
 async def heartbeat(ticks: list[float]) -> None:
@@ -62,9 +68,12 @@ async def main() -> None:
         beat.cancel()
         gaps = np.diff(ticks) if len(ticks) > 1 else np.array([0.0])
         if rank == 0:
-            print(f"event loop stayed responsive: a 5 ms heartbeat ticked {len(ticks)} times during the "
-                  f"collectives (longest gap {gaps.max() * 1e3:.1f} ms, with {size} ranks sharing "
-                  f"{os.cpu_count()} cores)")
+            longest = gaps.max() * 1e3
+            verdict = ("the event loop stayed responsive" if longest <= GAP_THRESHOLD_MS
+                       else "OVER the threshold: the loop was held up (other load, or ranks sharing cores)")
+            print(f"heartbeat: a 5 ms tick ran {len(ticks)} times during the collectives; longest gap "
+                  f"{longest:.1f} ms against a threshold of {GAP_THRESHOLD_MS:.0f} ms: {verdict} "
+                  f"({size} ranks on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

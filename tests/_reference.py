@@ -93,24 +93,5 @@ def assert_reduced(got: np.ndarray, want: np.ndarray, world_size: int) -> None:
         np.testing.assert_array_equal(got, want)
 
 
-async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run the blocking ``fn`` on a new thread, in a copy of this context (the rank's world), while
-    the event loop goes on serving the collectives."""
-    import asyncio
-    import contextvars
-    import threading
-
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    ctx = contextvars.copy_context()
-
-    def target() -> None:
-        try:
-            result = ctx.run(fn, *args, **kwargs)
-        except BaseException as exc:  # handed back to the awaiting task
-            loop.call_soon_threadsafe(fut.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(fut.set_result, result)
-
-    threading.Thread(target=target, daemon=True).start()
-    return await fut
+# Moved to aiocoll.testing so that users can test their own blocking code the same way.
+from aiocoll.testing import in_thread  # noqa: E402,F401

@@ -86,14 +86,5 @@ def assert_tensor_close(got: Any, want: np.ndarray, dtype: torch.dtype, world_si
 
 
 
-async def blocking_ranks(fn: Any, world_size: int) -> list[Any]:
-    """``fn(rank)`` (blocking code: autograd, aiocoll.sync) for every rank of an in-process world,
-    each rank on its own thread, its collectives served by the test's event loop."""
-    import aiocoll.sync
-    from aiocoll.testing import run_ranks
-
-    async def body(rank: int) -> Any:
-        aiocoll.sync.bind()
-        return await in_thread(fn, rank)
-
-    return await run_ranks(body, world_size)
+# Moved to aiocoll.testing so that users can test their own blocking code the same way.
+from aiocoll.testing import run_blocking_ranks as blocking_ranks  # noqa: E402,F401

@@ -91,3 +91,14 @@ def test_readme_lists_every_variable() -> None:
     named = set(re.findall(r"`(AIOCOLL_[A-Z_<>]+)`", text))
     known = {name for name, *_ in VARIABLES}
     assert named <= known | {"AIOCOLL_ALGO_ALL_REDUCE"}, f"README names unknown variables {sorted(named - known)}"
+
+
+def test_every_variable_the_code_reads_is_in_the_table() -> None:
+    root = Path(__file__).resolve().parents[1]
+    read: set[str] = set()
+    for path in [*(root / "aiocoll").rglob("*.py"), *(root / "transports").glob("*.py")]:
+        read |= set(re.findall(r"AIOCOLL_[A-Z][A-Z_]*[A-Z]", path.read_text()))
+    known = {name for name, *_ in VARIABLES}
+    prefixes = {name.split("<")[0] for name in known if "<" in name}
+    unlisted = {v for v in read if v not in known and not any((v + "_").startswith(p) for p in prefixes)}
+    assert not unlisted, f"read by the code but not in Settings' VARIABLES (and README): {sorted(unlisted)}"

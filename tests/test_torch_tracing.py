@@ -75,10 +75,13 @@ def test_fake_tensors_give_output_shapes_without_a_group(case):
 
 def test_forms_other_than_rank_lists_need_a_world():
     x = torch.empty(3, device="meta")
-    with pytest.raises(aiocoll.NotInitializedError, match="only rank lists work before init"):
+    with pytest.raises(aiocoll.NotInitializedError, match="only rank lists, group names and torch.distributed groups"):
         ft.all_reduce(x, "sum", None)
+    # A group name works before init where the shape does not depend on the group's size...
+    assert ft.all_reduce(x, "sum", "world").shape == (3,)
+    # ...and names what is missing where it does.
     with pytest.raises(aiocoll.NotInitializedError):
-        ft.all_reduce(x, "sum", "world")
+        ft.all_gather_tensor(x, 0, "world")
 
 
 def test_fake_tensors_are_checked_like_real_ones():

@@ -199,6 +199,8 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "Settings.from_env (init)"),
     ("AIOCOLL_PINNED_POOL_BYTES", "2 GiB", "most idle pinned host memory kept for staging CUDA arrays",
      "the CUDA staging pool"),
+    ("AIOCOLL_DEBUG", "off", "1: a debug line per collective on the aiocoll.trace logger", "aiocoll.core.trace"),
+    ("AIOCOLL_FLIGHT_RECORDER", "32", "collectives each group's flight recorder keeps (0: none)", "aiocoll.core.trace"),
     ("AIOCOLL_LOOP", "uvloop if installed", "event loop for aiocoll run and the sync API: asyncio or uvloop", "aiocoll run, sync API"),
     ("AIOCOLL_ALGO_<COLLECTIVE>", "by size", "force an algorithm: " + "; ".join(
         f"{k.upper()}: {'/'.join(v)}" for k, v in ALGORITHMS.items()), "Settings.from_env (init)"),

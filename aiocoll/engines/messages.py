@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import algorithms
 from ..algorithms import Recv, Schedule, Send
+from ..core import trace
 from ..core.comm import ActiveOp, Communicator
 from ..core.errors import CollectiveError, CollectiveTimeoutError
 from ..core.wire import FLAG_P2P, FrameKey, Kind
@@ -126,6 +127,7 @@ async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> N
     seq, kind, op, dtype, count = plan.seq, int(plan.kind), int(plan.op), int(plan.dtype), plan.count
     check_count, timeout, offload = plan.check_count, plan.timeout, plan.offload
     active = scope.begin(group, plan)
+    record = trace.begin(group, seq, plan.label, trace.nbytes(dtype, count))
     digest = plan.call.digest
     agreed = comm.agree(active, ranks, group.rank) if plan.agree else None
     sent = [0] * group.size
@@ -179,10 +181,12 @@ async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> N
         else:  # the worker thread is still inside the generator: close it when it returns
             stepping.add_done_callback(lambda _: schedule.close())
         comm.end(active, exc)
+        trace.end(record, exc)
         raise
     if announce is not None:
         announce.cancel()
     comm.end(active)
+    trace.end(record)
 
 
 def _step(schedule: Schedule) -> list[Any] | None:

@@ -154,3 +154,52 @@ def destroy_group(group: ProcessGroup | str) -> None:
     world.registry.remove(group)
     group._destroyed = True
     _fastpath.release(group, f"{group.name} was destroyed (aiocoll.destroy_group)")
+
+
+def renew_group(group: ProcessGroup | str | None = None) -> ProcessGroup:
+    """A fresh group with the same members, to go on after a collective on ``group`` failed.
+
+    A failed collective (a timeout, a mismatch, a cancelled call) breaks its group for good on
+    every member: later calls raise ``GroupBrokenError`` at once. Every member calls
+    ``renew_group`` after it has seen the failure, and gets a new group of the same ranks with a
+    new id, which no frame of the broken one can reach. Local, like ``new_group``: no
+    collective, no waiting, so every member must renew the same groups in the same order.
+
+    ``None`` (or the world group) renews the world: the new group becomes the default group
+    (``group=None``, ``aiocoll.world()``) and the old one keeps failing. Any other group is
+    destroyed (as ``destroy_group``) and replaced by a new one with its ranks and tag.
+
+    A member that died stays dead: a collective on the new group fails at once with
+    ``PeerFailureError`` naming it. Recovering from that takes a new world (``destroy`` and
+    ``init`` again, or a restart of the job).
+
+    Args:
+        group: a ProcessGroup, a group's name, or None for the world.
+
+    Raises:
+        TypeError: ``group`` is neither a ProcessGroup, a name nor None.
+        ValueError: an unknown name, a group of another world, or one already destroyed.
+        NotInitializedError: before ``aiocoll.init``.
+    """
+    world = current_world()
+    if group is None:
+        group = world.group
+    elif isinstance(group, str):
+        found = world.registry.by_name(group)
+        if found is None:
+            raise ValueError(f"no group named {group!r}")
+        group = found
+    elif not isinstance(group, ProcessGroup):
+        raise TypeError(f"renew_group takes a ProcessGroup, a group name or None, got {type(group).__name__}")
+    if group.destroyed:
+        raise ValueError(f"{group.name} was destroyed; renew the group that replaced it, or make one (new_group)")
+    if group._world is not world:
+        raise ValueError(f"{group.name} belongs to another world (one destroyed, or another rank's in a test harness)")
+    if group is world.group:
+        old = group
+        new = world.registry.renew_world()
+        _fastpath.release(old, f"{old.name} was renewed as {new.name} (aiocoll.renew_group)")
+        return new
+    ranks, tag = group.ranks, group.tag
+    destroy_group(group)
+    return world.registry.new_group(ranks, tag=tag)

@@ -135,6 +135,24 @@ class GroupRegistry:
         if self._by_name.get(group.name) is group:
             del self._by_name[group.name]
 
+    def renew_world(self) -> ProcessGroup:
+        """Replace the world's root group by a fresh one of the same ranks (``renew_group``).
+
+        Its id comes from a reserved tag and a count of renewals, which every member keeps
+        alike by renewing the same number of times.
+        """
+        w = self._world
+        old = w.group
+        key = tuple(range(w.world_size))
+        reserved = UNTAGGED_PREFIX + "world"  # users cannot make a group with this tag
+        self._incarnations[(key, reserved)] += 1
+        n = self._incarnations[(key, reserved)]
+        new = ProcessGroup(w, key, tag="", name=f"world#{n}", gid=group_id(key, reserved, n))
+        self.remove(old)
+        self.add(new)
+        w.group = new
+        return new
+
     def new_group(self, ranks: Iterable[Any], tag: str | None = "", name: str = "") -> ProcessGroup:
         """A group of ``ranks``: the existing one for a known (ranks, tag), else a new one.
 

@@ -36,11 +36,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -627,7 +629,7 @@ def _plot(path: str, n: int, results: dict[str, dict[tuple[str, int], Row]], ops
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # checked before the run (_preflight); still, never lose the table over it
         print("aiocoll bench: --plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
@@ -638,6 +640,7 @@ def _plot(path: str, n: int, results: dict[str, dict[tuple[str, int], Row]], ops
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lib)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("bytes")
         ax.set_ylabel("busbw GB/s")
         ax.set_title(f"{op}, {n} ranks")
@@ -646,6 +649,38 @@ def _plot(path: str, n: int, results: dict[str, dict[tuple[str, int], Row]], ops
     fig.tight_layout()
     fig.savefig(path)
     print(f"# plot written to {path}")
+
+
+# --------------------------------------------------------------------------- before and during
+def _preflight(args: argparse.Namespace, compare: list[str]) -> list[str]:
+    """What this run needs and lacks, each as a sentence; checked before anything runs.
+
+    A missing plotting library or MPI found only after minutes of measuring (as it once was)
+    throws those minutes away.
+    """
+    missing = []
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        missing.append("--plot needs matplotlib: pip install matplotlib")
+    if "gloo" in compare and importlib.util.find_spec("torch") is None:
+        missing.append("--compare gloo needs torch: pip install torch")
+    if "mpi" in compare:
+        if importlib.util.find_spec("mpi4py") is None:
+            missing.append("--compare mpi needs mpi4py: pip install mpi4py (and an MPI such as Open MPI)")
+        launcher = shlex.split(args.mpirun)[:1]
+        if not launcher or shutil.which(launcher[0]) is None:
+            missing.append(f"--compare mpi needs {launcher[0] if launcher else 'mpirun'!r} on PATH "
+                           "(install Open MPI, or name the launcher with --mpirun)")
+    return missing
+
+
+def _progress(lib: str, row: Row, n: int) -> None:
+    """One line on stderr per measured size, as it comes (the table waits for every library)."""
+    if row.error:
+        what = f"error: {row.error}"
+    else:
+        busbw = row.size / row.time_s / 1e9 * BUSBW[row.op](n) if row.time_s > 0 else 0.0
+        what = f"{row.time_s * 1e6:.1f} us, busbw {busbw:.3f} GB/s, {row.iters} iters"
+    print(f"# {lib} {row.op} {human(row.size)}: {what}", file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -678,6 +713,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``aiocoll bench`` with ``argv``; return the exit code (0, 1 on failure, 2 on bad usage).
 
+    Before measuring anything it checks what ``--plot`` and ``--compare`` need (exit code 2 and
+    the install command when missing); while measuring it writes a progress line per size to
+    stderr; the table goes to stdout at the end.
+
     Raises:
         Nothing on purpose: failures of a library's ranks are reported and give exit code 1.
     """
@@ -706,6 +745,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(and nccl with --device cuda)",
               file=sys.stderr)
         return 2
+    missing = _preflight(args, compare)
+    if missing:
+        for why in missing:
+            print(f"aiocoll bench: {why}", file=sys.stderr)
+        return 2
     job_id = secrets.token_hex(8)
     env = _env(job_id)
     results: dict[str, dict[tuple[str, int], Row]] = {lib: {} for lib in ["aiocoll", *compare]}
@@ -721,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             def store(row: Row, lib: str = lib) -> None:
                 results[lib][(row.op, row.size)] = row
+                _progress(lib, row, args.n)
 
             try:
                 _run_phase(args, lib, ops, env, store)

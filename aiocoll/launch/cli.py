@@ -127,7 +127,7 @@ def _split_run_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _run(argv: Sequence[str]) -> int:
-    from .launcher import run_launch
+    from .launcher import check_transport, run_launch
 
     parser = _run_parser()
     own, target = _split_run_argv(argv)
@@ -141,6 +141,12 @@ def _run(argv: Sequence[str]) -> int:
         # Checked once here rather than reported N times by N interpreters.
         print(f"aiocoll run: can't open file {target[0]!r}: no such file", file=sys.stderr)
         return 2
+    if args.transport is not None:
+        try:
+            check_transport(args.transport)
+        except ValueError as exc:
+            print(f"aiocoll run: --transport: {exc}", file=sys.stderr)
+            return 2
     try:
         result = run_launch(
             target,

@@ -30,6 +30,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -45,6 +46,7 @@ from ..core.auth import new_secret
 __all__ = [
     "LaunchInfo",
     "LaunchResult",
+    "check_transport",
     "launch",
     "register_cleanup",
     "run_launch",
@@ -146,6 +148,31 @@ def _run_cleanup_hooks(info: LaunchInfo) -> None:
             logger.exception("aiocoll run: cleanup hook %r failed for job %s", hook, info.job_id)
 
 
+def check_transport(name: str) -> None:
+    """Refuse a transport that no rank could use, before any rank starts.
+
+    Every rank would fail in ``init`` otherwise, each with its own traceback, and the others'
+    secondary errors (a store that went away) can hide the one that says why.
+
+    Raises:
+        ValueError: ``name`` is unknown (the message lists the known ones), cannot load here
+            (its missing dependency is named), or runs ranks in one process (``inproc``).
+    """
+    if name == "auto":
+        return
+    if name == "inproc":
+        raise ValueError(
+            "transport 'inproc' connects ranks that are tasks of one process; aiocoll run starts "
+            "one process per rank: use auto, shm or tcp (or aiocoll.testing for inproc)"
+        )
+    from ..transports import get_transport
+
+    try:
+        get_transport(name)
+    except ImportError as exc:
+        raise ValueError(f"transport {name!r} cannot load here: {exc}") from None
+
+
 def _free_port(host: str) -> int:
     # Rank 0 binds this port moments later; the gap is the same race torchrun accepts.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -222,18 +249,28 @@ class _Sink:
 
 
 class _LineRelay:
-    """Cuts one pipe's bytes into whole lines and writes each batch with the rank's prefix."""
+    """Cuts one pipe's bytes into whole lines and writes each batch with the rank's prefix.
 
-    def __init__(self, prefix: bytes, sink: _Sink) -> None:
+    A carriage return ends a piece too: a progress bar redraws its line with ``\\r`` and no
+    newline, and held back until a newline it would show only when finished (and then as one
+    line of every redraw, prefixed once). Each piece keeps its own ending, so the terminal
+    redraws ``[rank] 40%`` in place as it would without the launcher.
+    """
+
+    def __init__(self, prefix: bytes, sink: _Sink, on_line: Callable[[bytes], None] | None = None) -> None:
         self._prefix = prefix
         self._sink = sink
         self._pending = bytearray()
+        self._on_line = on_line
 
     def feed(self, data: bytes) -> None:
         self._pending += data
-        end = self._pending.rfind(b"\n")
+        end = max(self._pending.rfind(b"\n"), self._pending.rfind(b"\r"))
+        if end == len(self._pending) - 1 and self._pending.endswith(b"\r"):
+            # Perhaps the first half of a \r\n ending: wait for the next byte to tell.
+            end = max(self._pending.rfind(b"\n", 0, end), self._pending.rfind(b"\r", 0, end))
         if end >= 0:
-            self._emit(bytes(self._pending[:end]))
+            self._emit(bytes(self._pending[: end + 1]))
             del self._pending[: end + 1]
         if len(self._pending) > MAX_LINE:
             self.flush()
@@ -241,11 +278,87 @@ class _LineRelay:
     def flush(self) -> None:
         """Write out a trailing partial line, newline-terminated (at EOF, or when too long)."""
         if self._pending:
-            self._emit(bytes(self._pending))
+            data = bytes(self._pending)
             self._pending.clear()
+            # A last redraw (\r) ends its line too, or the launcher's report would overwrite it.
+            self._emit(data if data.endswith(b"\n") else data.removesuffix(b"\r") + b"\n")
 
-    def _emit(self, lines: bytes) -> None:
-        self._sink.write(b"".join(self._prefix + line + b"\n" for line in lines.split(b"\n")))
+    def _emit(self, pieces: bytes) -> None:
+        """Write ``pieces`` (ending in a line ending), each piece behind the prefix."""
+        out = []
+        for piece, ending in _PIECE.findall(pieces):
+            out.append(self._prefix + piece + ending)
+            if self._on_line is not None and ending != b"\r":
+                self._on_line(piece)
+        self._sink.write(b"".join(out))
+
+
+# A piece of output and its ending: \r\n counts as one ending, so CRLF output is not doubled.
+_PIECE = re.compile(rb"([^\r\n]*)(\r\n|\n|\r)")
+
+
+#: Errors that a rank raises because another rank failed first (it left, aborted the
+#: collective, stopped serving the store); the launcher's report names the cause instead.
+CONSEQUENCES = frozenset({
+    "PeerFailureError", "RemoteAbortError", "GroupBrokenError", "HandshakeError", "StoreError",
+    "TransportError", "ConnectionError", "ConnectionResetError", "ConnectionRefusedError",
+    "ConnectionAbortedError", "BrokenPipeError", "KeyboardInterrupt", "CancelledError",
+})
+
+#: How long the launcher lets the other ranks run on after a rank failed with a consequence
+#: (at most; ``grace`` when shorter), so that the rank whose failure caused it can report its
+#: own error instead of being stopped before it prints it.
+CAUSE_WAIT_S = 2.0
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::|$)")
+
+
+class _ErrorWatch:
+    """Remembers the last exception a rank's stderr showed (the line after a traceback)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._in_traceback = False
+        self.error: str | None = None
+        self.seen_at: float | None = None
+
+    def line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace")
+        if text.startswith("Traceback (most recent call last):"):
+            self._in_traceback = True
+        elif self._in_traceback and text and not text[0].isspace():
+            self._in_traceback = False
+            if _EXCEPTION_LINE.match(text):
+                self.error = text[:300]
+                self.seen_at = self._loop.time()
+
+    @property
+    def consequence(self) -> bool:
+        """Whether the error is one that another rank's failure explains."""
+        match = _EXCEPTION_LINE.match(self.error or "")
+        return match is not None and match[1].rsplit(".", 1)[-1] in CONSEQUENCES
+
+
+@dataclass(frozen=True)
+class _Failure:
+    rank: int
+    returncode: int
+    exited_at: float
+    watch: _ErrorWatch | None
+    stopped: bool = False  # exited after the launcher began stopping the ranks
+
+    @property
+    def consequence(self) -> bool:
+        # A rank killed by a signal before the launcher sent any was not explained by anything
+        # it printed; one the launcher stopped while it printed a consequence is one.
+        explained = self.watch is not None and self.watch.consequence
+        return explained and (self.returncode > 0 or self.stopped)
+
+    @property
+    def when(self) -> float:
+        """When it failed: when its error was printed, else when it exited."""
+        seen = self.watch.seen_at if self.watch is not None else None
+        return self.exited_at if seen is None else min(seen, self.exited_at)
 
 
 class _RankProtocol(asyncio.SubprocessProtocol):
@@ -346,6 +459,10 @@ class _Job:
         self._protocols: list[_RankProtocol] = []
         self._pids: list[int] = []
         self._failed: tuple[int, int] | None = None
+        self._failures: list[_Failure] = []
+        self._watches: dict[int, _ErrorWatch] = {}
+        self._stop_later: asyncio.TimerHandle | None = None
+        self._stopped_at: float | None = None
         self._interrupt: signal.Signals | None = None
         self._stopped: list[int] = []
         self._killed: list[int] = []
@@ -372,6 +489,8 @@ class _Job:
             finally:
                 if self._escalation is not None:
                     self._escalation.cancel()
+                if self._stop_later is not None:
+                    self._stop_later.cancel()
                 for transport in self._transports:
                     transport.close()
                 if restore is not None:
@@ -387,7 +506,12 @@ class _Job:
             relays: dict[int, _LineRelay] = {}
             if self._prefix_output:
                 prefix = f"[{rank:>{width}}] ".encode()
-                relays = {1: _LineRelay(prefix, self._stdout), 2: _LineRelay(prefix, self._stderr)}
+                watch = _ErrorWatch(self._loop)
+                self._watches[rank] = watch
+                relays = {
+                    1: _LineRelay(prefix, self._stdout),
+                    2: _LineRelay(prefix, self._stderr, on_line=watch.line),
+                }
             protocol = _RankProtocol(relays, self._loop)
             transport, _ = await self._loop.subprocess_exec(
                 lambda: protocol,
@@ -415,9 +539,30 @@ class _Job:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for fut in sorted(done, key=rank_of.__getitem__):
                 code = fut.result()
-                if code != 0 and self._failed is None and self._interrupt is None:
-                    self._failed = (rank_of[fut], code)
+                if code == 0 or self._interrupt is not None:
+                    continue
+                rank = rank_of[fut]
+                stopped = self._stopped_at is not None
+                failure = _Failure(rank, code, self._loop.time(), self._watches.get(rank), stopped)
+                if stopped:
+                    # Stopped by us, most likely; but one that printed its own error before we
+                    # stopped it was failing anyway, and may be the cause.
+                    seen = failure.watch.seen_at if failure.watch is not None else None
+                    assert self._stopped_at is not None
+                    if seen is not None and seen <= self._stopped_at and not failure.consequence:
+                        self._failures.append(failure)
+                    continue
+                self._failures.append(failure)
+                if self._failed is None:
+                    self._failed = (rank, code)
+                if failure.consequence and pending and self._stop_later is None:
+                    # It failed because another rank did: give that one a moment to say why.
+                    wait = min(CAUSE_WAIT_S, self._grace)
+                    self._stop_later = self._loop.call_later(wait, self._stop, signal.SIGTERM)
+                elif not failure.consequence:
                     self._stop(signal.SIGTERM)
+        if self._stop_later is not None:
+            self._stop_later.cancel()
 
     async def _empty_groups(self) -> None:
         """Stop whatever the ranks left running in their groups, politely first."""
@@ -447,6 +592,10 @@ class _Job:
         return [rank for rank, p in enumerate(self._protocols) if not p.exited.done()]
 
     def _stop(self, sig: int) -> None:
+        if self._stop_later is not None:
+            self._stop_later.cancel()
+        if self._stopped_at is None:
+            self._stopped_at = self._loop.time()
         self._stopped = self._running()
         for rank in self._stopped:
             _signal_group(self._pids[rank], sig)
@@ -499,14 +648,29 @@ class _Job:
     def _info(self) -> LaunchInfo:
         return LaunchInfo(self._job_id, tuple(self._pids), self._returncodes())
 
+    def _cause(self) -> _Failure:
+        """The failure that explains the others: the earliest one that is not a consequence of
+        another rank failing, else the first seen."""
+        causes = [f for f in self._failures if not f.consequence]
+        return min(causes, key=lambda f: f.when) if causes else self._failures[0]
+
     def _result(self) -> LaunchResult:
         message: str | None = None
         exit_code = 0
         failed_rank: int | None = None
         if self._failed is not None:
-            failed_rank, code = self._failed
+            cause = self._cause()
+            failed_rank, code = cause.rank, cause.returncode
             exit_code = _exit_code(code)
             message = f"aiocoll run: rank {failed_rank} failed with {_describe(code)}"
+            if cause.watch is not None and cause.watch.error and code > 0:
+                message += f": {cause.watch.error}"
+            first = self._failures[0]
+            if first is not cause:
+                message += f" (rank {first.rank} failed just before it, a consequence"
+                if first.watch is not None and first.watch.error:
+                    message += f": {first.watch.error}"
+                message += ")"
         elif self._interrupt is not None:
             exit_code = 128 + int(self._interrupt)
             message = f"aiocoll run: interrupted by {self._interrupt.name}"
@@ -562,7 +726,8 @@ async def launch(
     the ranks to be reaped, runs the cleanup hooks and re-raises.
 
     Raises:
-        ValueError: ``argv`` is empty, ``nprocs`` < 1, ``timeout`` <= 0 or ``grace`` < 0.
+        ValueError: ``argv`` is empty, ``nprocs`` < 1, ``timeout`` <= 0, ``grace`` < 0, or
+            ``transport`` is unknown or cannot load (see :func:`check_transport`).
         OSError: a rank could not be started (the interpreter is missing, say); ranks already
             started are killed first.
     """
@@ -574,6 +739,8 @@ async def launch(
         raise ValueError(f"timeout must be positive, got {timeout}")
     if not grace >= 0:
         raise ValueError(f"grace must be >= 0, got {grace}")
+    if transport is not None:
+        check_transport(transport)
     job_id = secrets.token_hex(8)
     try:  # shared-memory segments of ranks that die mid-setup are removed once the job ends
         from ..sharedmem.segment import cleanup_job

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import pipelines as algo
+from ...core import trace
 from ...core.comm import ActiveOp, dtype_name, op_name
 from ...arrays.dtypes import WireDtype
 from ...core.errors import (
@@ -272,6 +273,7 @@ class ShmEngine:
         except BaseException:
             self.abandon(ticket)
             raise
+        record = trace.begin(g, seq, name, nbytes)
         active.needs = lambda peer: self._needs(active, peer)
         # A deadline rather than asyncio.timeout around everything: a small operation that
         # never has to sleep then pays nothing for its timeout (see _wait_async).
@@ -323,8 +325,10 @@ class ShmEngine:
             if self._broken is None:
                 self._broken = f"{name} (step {seq}) failed: {exc!r}"
             comm.end(active, exc)
+            trace.end(record, exc)
             raise
         comm.end(active)
+        trace.end(record)
 
     async def _acquire(self, ticket: int, deadline: float) -> None:
         """Wait for ``ticket``'s turn: operations run one at a time, in reserve() order
