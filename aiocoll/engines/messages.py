@@ -161,6 +161,7 @@ async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> N
     # id(op) -> (op, its waiter, the rank a send goes to or -1). The op is held so its id stays its own.
     started: dict[int, tuple[Any, asyncio.Future[Any] | None, int]] = {}
     announce = scope.announce_later(group, active, timeout)
+    waited = True  # the first step copies the input (ring) or builds a batch: as after a wait
 
     def start(ops: list[Any]) -> list[asyncio.Future[Any]]:
         waiters: list[asyncio.Future[Any]] = []
@@ -206,7 +207,10 @@ async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> N
                     # reductions). For large payloads it runs on a worker thread (numpy releases
                     # the GIL), so the event loop keeps serving other tasks meanwhile, and the
                     # transfers a Start began keep moving.
-                    if offload:
+                    # Only after a wait: that is where a schedule reduces what arrived; after a
+                    # Start it only builds its next batch, not worth a thread hop (each is a
+                    # wake-up, milliseconds on a loaded host).
+                    if offload and waited:
                         stepping = loop.run_in_executor(None, _step, schedule)
                         batch = await stepping
                         stepping = None
@@ -219,14 +223,14 @@ async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> N
                         await _wait(comm, active, rest)
                         started.clear()
                         break
+                    waited = not isinstance(batch, Start)
                     if isinstance(batch, Start):
                         start(batch.ops)
-                        continue
-                    if isinstance(batch, Finish):
+                    elif isinstance(batch, Finish):
                         await _wait(comm, active, finish(batch.ops))
-                        continue
-                    start(batch)
-                    await _wait(comm, active, finish(batch))
+                    else:
+                        start(batch)
+                        await _wait(comm, active, finish(batch))
         except TimeoutError:
             waiting = {p.peer for p in active.posted}
             waiting |= {peer for _, fut, peer in started.values() if peer >= 0 and fut is not None and not fut.done()}
