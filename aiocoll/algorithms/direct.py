@@ -79,7 +79,7 @@ MAX_SEGMENTS = 64
 
 def segments(x: Array, size: int, segment_bytes: int = SEGMENT) -> int:
     """How many segments rsag splits ``x`` into in a group of ``size``."""
-    return max(1, min(MAX_SEGMENTS, x.nbytes // max(segment_bytes, 1), x.shape[0] // size))
+    return max(1, min(MAX_SEGMENTS, int(x.nbytes) // max(segment_bytes, 1), int(x.shape[0]) // size))
 
 
 def rsag_all_reduce(

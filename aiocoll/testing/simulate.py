@@ -182,8 +182,8 @@ def simulate(schedules: Sequence[Schedule], *, rendezvous: bool = False, max_rou
                 stats[rank].finished = t - 1  # its last batch completed in the round before
                 return True
             if isinstance(batch, Start):
-                for entry in post(rank, batch.ops):
-                    mine[id(entry[0])] = entry
+                for posted in post(rank, batch.ops):
+                    mine[id(posted[0])] = posted
                 continue
             stats[rank].steps += 1
             if isinstance(batch, Finish):
