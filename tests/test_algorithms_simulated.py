@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from aiocoll.algorithms import composed
-from aiocoll.algorithms import Recv, Send, chunk_bounds, direct, dissemination, ring, tree
+from aiocoll.algorithms import Finish, Recv, Send, Start, chunk_bounds, direct, dissemination, ring, tree
 from aiocoll.testing.simulate import Deadlock, ScheduleError, simulate
 
 SIZES = [*range(1, 17), 64, 256]
@@ -92,6 +92,48 @@ def test_all_reduce_bandwidth_algorithms_send_near_optimal_bytes(n: int, algo: s
     assert sim.max_bytes_sent <= 1.1 * optimum, (sim.max_bytes_sent, optimum)
     assert sim.max_bytes_sent >= optimum * 0.99  # and not a silently partial exchange
     np.testing.assert_array_equal(outs[-1], np.stack(xs).sum(0))
+
+
+def _segmented(segment_elems: int) -> Callable[..., Any]:
+    def make(rank: int, n: int, x: Array, out: Array, reduce: Any) -> Any:
+        return direct.rsag_all_reduce(rank, n, x, out, reduce, segment_bytes=segment_elems * x.itemsize)
+
+    return make
+
+
+# The pipelined rsag: segments of 1 element per rank (as many as the cap allows), of a few, and
+# uneven ones (the count does not divide by the segments, nor each segment by n).
+@pytest.mark.parametrize("segment_elems", [1, 7, 64])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_pipelined_rsag_exact_optimal_and_rendezvous_safe(n: int, op: str, segment_elems: int) -> None:
+    reduce, ref = OPS[op]
+    count = 64 * n + 3
+    xs = _inputs(n, count, seed=11 * n)
+    make = _segmented(segment_elems)
+    assert direct.segments(xs[0], n, segment_elems * 8) > 1
+    for rendezvous in (False, True):
+        outs = [np.full(count, -1, np.int64) for _ in range(n)]
+        sim = simulate([make(r, n, xs[r].copy(), outs[r], reduce) for r in range(n)], rendezvous=rendezvous)
+        want = ref(np.stack(xs))
+        for r in range(n):
+            np.testing.assert_array_equal(outs[r], want, err_msg=f"rank {r} of {n}")
+        optimum = _optimal_all_reduce(n, count * 8)
+        assert optimum * 0.99 <= sim.max_bytes_sent <= 1.1 * optimum, (sim.max_bytes_sent, optimum)
+
+
+# In place (out is x: `all_reduce(x, out=x)`): every algorithm, with segments for rsag.
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 8])
+@pytest.mark.parametrize("algo", [*sorted(ALL_REDUCE), "rsag-segmented"])
+def test_all_reduce_in_place_exact(n: int, algo: str) -> None:
+    make = _segmented(5) if algo == "rsag-segmented" else ALL_REDUCE[algo]
+    count = 40 * n + 1
+    xs = _inputs(n, count, seed=5 * n)
+    bufs = [x.copy() for x in xs]
+    simulate([make(r, n, bufs[r], bufs[r], OPS["sum"][0]) for r in range(n)])
+    want = np.stack(xs).sum(0)
+    for r in range(n):
+        np.testing.assert_array_equal(bufs[r], want, err_msg=f"rank {r} of {n}")
 
 
 def test_ring_rounds_are_two_n_minus_two() -> None:
@@ -276,6 +318,43 @@ def test_size_mismatch_and_unreceived_messages_are_errors() -> None:
 
     with pytest.raises(ScheduleError, match="never received"):
         simulate([lonely(), idle()])
+
+
+def test_started_operations_finish_in_any_order_and_at_the_end() -> None:
+    def pair(rank: int, out: list[Array]) -> Any:
+        peer = 1 - rank
+        first, second = np.full(2, rank + 1), np.full(3, rank + 10)
+        a, b = Recv(peer, out[0]), Recv(peer, out[1])
+        sa, sb = Send(peer, first), Send(peer, second)
+        yield Start([a, sa, b, sb])
+        yield Finish([b, sb])  # the later one first
+        # the first receive is not finished: the simulator has not written it yet
+        assert (out[0] == -1).all()
+        # `a` and `sa` are still started: the end of the schedule waits for them
+
+    outs = [[np.full(2, -1), np.full(3, -1)] for _ in range(2)]
+    simulate([pair(0, outs[0]), pair(1, outs[1])])
+    for r in range(2):
+        np.testing.assert_array_equal(outs[r][0], np.full(2, 2 - r))
+        np.testing.assert_array_equal(outs[r][1], np.full(3, 11 - r))
+
+
+def test_changing_a_started_send_or_finishing_what_was_not_started_is_an_error() -> None:
+    def changes(rank: int) -> Any:
+        data = np.zeros(1)
+        op: Any = Send(1, data) if rank == 0 else Recv(0, data)
+        yield Start([op])
+        data[0] = 5  # a started send's data must stay as it was
+        yield Finish([op])
+
+    with pytest.raises(ScheduleError, match="changed the data of its send 0 to rank 1"):
+        simulate([changes(0), changes(1)])
+
+    def stray(rank: int) -> Any:
+        yield Finish([Send(1 - rank, np.zeros(1))])
+
+    with pytest.raises(ScheduleError, match="had not started"):
+        simulate([stray(0), stray(1)])
 
 
 def test_chunk_bounds_cover_exactly() -> None:

@@ -410,6 +410,7 @@ class TcpConnection(asyncio.Protocol):
         self._writer = writer
         self._transport = cast(asyncio.Transport, writer.transport)
         self._lock = asyncio.Lock()
+        self._sending = 0  # send() calls started and not returned (send_now writes only at 0)
         self._closing = False  # aclose() or abort() called: new sends are refused
         self._broken = ""  # why the connection can no longer carry frames
         self._paused = False
@@ -439,6 +440,36 @@ class TcpConnection(asyncio.Protocol):
             raise ValueError(f"key must be {KEY_SIZE} bytes, got {len(key)}")
         data = _bytes_view(payload, "payload")
         self._check()
+        self._sending += 1
+        try:
+            await self._send_locked(key, data)
+        finally:
+            self._sending -= 1
+
+    def send_now(self, key: bytes, payload: Buffer) -> bool:
+        """Write a small frame at once if nothing else is being sent and nothing is unsent;
+        return whether it was written (False: nothing was, use ``send``).
+
+        The frame is copied behind its header, so ``payload`` may be reused at once. Frames
+        keep their order with ``send``'s: it is refused while a send is in progress, and a
+        frame the kernel did not take yet waits in the transport, ahead of later writes (a
+        lane waits for the transport to drain before it writes).
+
+        Raises:
+            ValueError: ``key`` is not KEY_SIZE bytes.
+            TypeError: ``payload`` is not a C-contiguous buffer.
+        """
+        if self._sending or self._paused or self._broken or self._closing or self._goodbye:
+            return False
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"key must be {KEY_SIZE} bytes, got {len(key)}")
+        data = _bytes_view(payload, "payload")
+        if data.nbytes > _COALESCE:
+            return False
+        self._transport.write(_PREFIX.pack(_FRAME, data.nbytes) + key + data)
+        return True
+
+    async def _send_locked(self, key: bytes, data: memoryview) -> None:
         async with self._lock:
             # Sends that started before aclose() still go out (aclose waits for them), so only
             # a broken connection stops them here.
@@ -486,8 +517,10 @@ class TcpConnection(asyncio.Protocol):
                 raise
 
     async def _send_on_lane(self, lane: Lane, header: bytes, data: memoryview) -> None:
-        # The transport holds no unsent byte here (every send drains before it lets go of the
-        # lock), so the lane's bytes follow the previous frame's on the wire.
+        # The lane writes the socket itself: the transport must hold no unsent byte first, so
+        # that the lane's bytes follow the previous frame's on the wire (every send drains
+        # before it lets go of the lock; a send_now may have left bytes behind).
+        await self._drain()
         job = self._job = lane.submit(send_all, (memoryview(header), data))
         try:
             await asyncio.shield(job)

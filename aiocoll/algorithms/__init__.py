@@ -10,7 +10,10 @@ Schedules know nothing of transports: ``aiocoll.testing.simulate`` runs them wit
 
 from __future__ import annotations
 
-from ._schedule import Op, Recv, Schedule, Send, chunk_bounds
+from ._schedule import Batch, Finish, Op, Recv, Schedule, Send, Start, chunk_bounds
 from .select import ALGORITHMS, MESH, SMALL, choose, select
 
-__all__ = ["ALGORITHMS", "MESH", "SMALL", "Op", "Recv", "Schedule", "Send", "chunk_bounds", "choose", "select"]
+__all__ = [
+    "ALGORITHMS", "MESH", "SMALL", "Batch", "Finish", "Op", "Recv", "Schedule", "Send", "Start", "chunk_bounds", "choose",
+    "select",
+]

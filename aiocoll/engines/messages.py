@@ -2,7 +2,9 @@
 
 For each batch a schedule yields, the driver posts every receive first (so that frames land
 straight in their buffers), starts every send, and waits for all of them or for the
-collective's failure, whichever comes first. The k-th message between a pair of ranks in one
+collective's failure, whichever comes first. A ``Start`` batch is started and the schedule
+resumed at once (its local work then overlaps those transfers) until the ``Finish`` naming
+them; what is still started when the schedule ends is waited for before the collective ends. The k-th message between a pair of ranks in one
 collective gets step k in its frame key; together with the group id and sequence number that is
 what the receiving side matches on.
 
@@ -21,7 +23,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from .. import algorithms
-from ..algorithms import Recv, Schedule, Send
+from ..algorithms import Batch, Finish, Recv, Schedule, Send, Start
 from ..core import trace
 from ..core.comm import ActiveOp, Communicator
 from ..core.errors import CollectiveError, CollectiveTimeoutError
@@ -49,29 +51,54 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 async def _wait(comm: Communicator, active: ActiveOp, waiters: list[asyncio.Future[Any]]) -> None:
-    if not waiters:
-        return
-    if len(waiters) == 1:
-        both = waiters[0]
-    else:
-        both = asyncio.gather(*waiters)
-    both.add_done_callback(_retrieve)
-    if not both.done():
-        await asyncio.wait((both, active.failure), return_when=asyncio.FIRST_COMPLETED)
+    """Wait until every waiter is done, one fails, or the collective fails; raise the failure.
+
+    One future gates the wait, each waiter's callback counting down to it: one loop turn from
+    the last completion to the caller's wake-up, where gather() plus wait() took three (a 4 B
+    all_reduce is a handful of such turns on each rank).
+    """
+    left = [w for w in waiters if not w.done()]
+    if left and not active.failure.done():
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        count = len(left)
+
+        def one(f: asyncio.Future[Any]) -> None:
+            nonlocal count
+            count -= 1
+            # Retrieved here (also for waiters that end after the gate opened): asyncio would
+            # log a failed future nobody looked at.
+            failed = f.cancelled() or f.exception() is not None
+            if (failed or count == 0) and not gate.done():
+                gate.set_result(None)
+
+        def failed(_: asyncio.Future[None]) -> None:
+            if not gate.done():
+                gate.set_result(None)
+
+        for w in left:
+            w.add_done_callback(one)
+        active.failure.add_done_callback(failed)
+        try:
+            await gate
+        finally:
+            active.failure.remove_done_callback(failed)
     if active.failure.done() and not active.failure.cancelled():
         exc = active.failure.exception()
         if exc is not None:
             raise exc
-    if not both.done():  # pragma: no cover - wait() returned, so one of the two is done
-        raise RuntimeError("driver woke with nothing done")
-    try:
-        both.result()
-    except CollectiveError as exc:
-        if exc.seq >= 0:
-            raise
+    first: BaseException | None = None
+    for w in waiters:
+        if w.done():
+            exc = w.exception() if not w.cancelled() else asyncio.CancelledError()
+            first = first or exc
+    if isinstance(first, CollectiveError) and first.seq < 0:
         # A send failed before the collective itself was failed (the communicator's errors for
         # a single frame know no group or step): say which collective it hit.
-        raise active.error(type(exc), exc.detail, exc.ranks) from exc
+        raise active.error(type(first), first.detail, first.ranks) from first
+    if first is not None:
+        raise first
+    if any(not w.done() for w in waiters):  # pragma: no cover - the gate opens on all or a failure
+        raise RuntimeError("driver woke with a step unfinished")
 
 
 class MessageEngine:
@@ -134,48 +161,90 @@ async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> N
     received = [0] * group.size
     loop = asyncio.get_running_loop()
     stepping: asyncio.Future[Any] | None = None
-    sends: list[tuple[int, asyncio.Future[Any]]] = []
+    # Started and not yet finished (Start/Finish batches, or a plain batch being waited for):
+    # id(op) -> (op, its waiter, the rank a send goes to or -1). The op is held so its id stays its own.
+    started: dict[int, tuple[Any, asyncio.Future[Any] | None, int]] = {}
     announce = scope.announce_later(group, active, timeout)
+    waited = True  # the first step copies the input (ring) or builds a batch: as after a wait
+
+    def start(ops: list[Any]) -> list[asyncio.Future[Any]]:
+        waiters: list[asyncio.Future[Any]] = []
+        # Receives first, so that frames land straight in their buffers.
+        for item in ops:
+            if isinstance(item, Recv):
+                key = FrameKey(group.gid, seq, received[item.peer], kind, op, dtype, 0, count, digest)
+                received[item.peer] += 1
+                fut = comm.post_recv(ranks[item.peer], key, _bytes(item.into), active, check_count=check_count)
+                started[id(item)] = (item, fut, -1)
+                waiters.append(fut)
+        for item in ops:
+            if isinstance(item, Send):
+                key = FrameKey(group.gid, seq, sent[item.peer], kind, op, dtype, 0, count, digest)
+                sent[item.peer] += 1
+                peer = ranks[item.peer]
+                payload = _bytes(item.data)
+                # A small frame the connection can write at once needs no task: it is written
+                # (copied behind its header) before this returns.
+                if comm.send_now(peer, key, payload):
+                    started[id(item)] = (item, None, peer)
+                    continue
+                sending = comm.spawn(comm.send(peer, key, payload))
+                started[id(item)] = (item, sending, peer)
+                waiters.append(sending)
+        return waiters
+
+    def finish(ops: list[Any]) -> list[asyncio.Future[Any]]:
+        waiters: list[asyncio.Future[Any]] = []
+        for item in ops:
+            entry = started.pop(id(item), None)
+            if entry is None:
+                raise RuntimeError(f"the schedule finished {item!r}, which it had not started")
+            if entry[1] is not None:
+                waiters.append(entry[1])
+        return waiters
+
     try:
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     # The code between two yields is the schedule's local work (copies,
                     # reductions). For large payloads it runs on a worker thread (numpy releases
-                    # the GIL), so the event loop keeps serving other tasks meanwhile.
-                    if offload:
+                    # the GIL), so the event loop keeps serving other tasks meanwhile, and the
+                    # transfers a Start began keep moving.
+                    # Only after a wait: that is where a schedule reduces what arrived; after a
+                    # Start it only builds its next batch, not worth a thread hop (each is a
+                    # wake-up, milliseconds on a loaded host).
+                    if offload and waited:
                         stepping = loop.run_in_executor(None, _step, schedule)
                         batch = await stepping
                         stepping = None
                     else:
                         batch = _step(schedule)
                     if batch is None:
+                        rest = [entry[1] for entry in started.values() if entry[1] is not None]
                         if agreed is not None:
-                            await _wait(comm, active, [agreed])
+                            rest.append(agreed)
+                        await _wait(comm, active, rest)
+                        started.clear()
                         break
-                    waiters: list[asyncio.Future[Any]] = []
-                    for item in batch:
-                        if isinstance(item, Recv):
-                            key = FrameKey(group.gid, seq, received[item.peer], kind, op, dtype, 0, count, digest)
-                            received[item.peer] += 1
-                            waiters.append(
-                                comm.post_recv(ranks[item.peer], key, _bytes(item.into), active, check_count=check_count)
-                            )
-                    sends.clear()
-                    for item in batch:
-                        if isinstance(item, Send):
-                            key = FrameKey(group.gid, seq, sent[item.peer], kind, op, dtype, 0, count, digest)
-                            sent[item.peer] += 1
-                            fut = comm.spawn(comm.send(ranks[item.peer], key, _bytes(item.data)))
-                            sends.append((ranks[item.peer], fut))
-                            waiters.append(fut)
-                    await _wait(comm, active, waiters)
+                    waited = not isinstance(batch, Start)
+                    if isinstance(batch, Start):
+                        start(batch.ops)
+                    elif isinstance(batch, Finish):
+                        await _wait(comm, active, finish(batch.ops))
+                    else:
+                        start(batch)
+                        await _wait(comm, active, finish(batch))
         except TimeoutError:
-            waiting = {p.peer for p in active.posted} | {peer for peer, fut in sends if not fut.done()}
+            waiting = {p.peer for p in active.posted}
+            waiting |= {peer for _, fut, peer in started.values() if peer >= 0 and fut is not None and not fut.done()}
             raise scope.timed_out(comm, active, timeout, waiting) from None
     except BaseException as exc:
         if announce is not None:
             announce.cancel()
+        for _, fut, _ in started.values():
+            if fut is not None:
+                fut.add_done_callback(_retrieve)  # nobody waits for them any more
         if stepping is None or stepping.done():
             schedule.close()
         else:  # the worker thread is still inside the generator: close it when it returns
@@ -189,7 +258,7 @@ async def run_schedule(group: ProcessGroup, plan: Plan, schedule: Schedule) -> N
     trace.end(record)
 
 
-def _step(schedule: Schedule) -> list[Any] | None:
+def _step(schedule: Schedule) -> Batch | None:
     try:
         return next(schedule)
     except StopIteration:

@@ -29,14 +29,13 @@ ever and the second is a mismatch.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..algorithms import Recv, Schedule, Send
+from ..algorithms import Finish, Recv, Schedule, Send, Start
 
 
 class ScheduleError(AssertionError):
@@ -82,10 +81,10 @@ class Simulation:
 
 @dataclass
 class _Pending:
-    """One posted batch: the receives still to be matched and the sends still to be taken."""
+    """What a rank waits for: receives to be matched and sends to be taken (and then checked)."""
 
     recvs: list[tuple[Recv, int]] = field(default_factory=list)  # (op, index among recvs from op.peer)
-    sends: list[tuple[Send, int]] = field(default_factory=list)  # (op, index among sends to op.peer)
+    sends: list[tuple[Send, int, bytes]] = field(default_factory=list)  # (op, index, payload when posted)
 
 
 def _payload(a: Any, what: str) -> memoryview:
@@ -100,6 +99,11 @@ def _payload(a: Any, what: str) -> memoryview:
 def simulate(schedules: Sequence[Schedule], *, rendezvous: bool = False, max_rounds: int = 1_000_000) -> Simulation:
     """Run ``schedules[r]`` as rank r of a group of ``len(schedules)``, in lockstep.
 
+    ``Start`` batches are posted and the schedule resumed in the same round; a ``Finish`` (or
+    the end of the schedule, with operations still started) waits like a plain batch. A started
+    receive's payload is written only when it is finished (a schedule that reads it earlier
+    computes wrong values), and a started send's data must be unchanged when it is finished.
+
     Args:
         schedules: one generator per rank (group ranks 0..n-1), as an algorithm returns them.
         rendezvous: a send completes only once its receive is posted (default: eager).
@@ -111,22 +115,25 @@ def simulate(schedules: Sequence[Schedule], *, rendezvous: bool = False, max_rou
     Raises:
         Deadlock: no rank can progress while some are unfinished ("no progress at step t").
         ScheduleError: a peer out of range, a payload whose size differs from its receive's,
-            a message sent and never received, or more than ``max_rounds`` rounds.
+            a message sent and never received, a started send whose data changed, a Finish of
+            something not started, or more than ``max_rounds`` rounds.
     """
     n = len(schedules)
     stats = [RankStats() for _ in range(n)]
-    # (src, dst) -> payload snapshots in send order, with the round each was posted
-    wire: dict[tuple[int, int], deque[bytes]] = {}
+    # (src, dst) -> payload snapshots in send order
+    wire: dict[tuple[int, int], list[bytes]] = {}
     sent_count: dict[tuple[int, int], int] = {}
     recv_count: dict[tuple[int, int], int] = {}
-    recv_posted: dict[tuple[int, int], int] = {}  # how many receives dst has posted from src
-    received: dict[tuple[int, int], int] = {}  # how many of them completed
+    received: dict[tuple[int, int], int] = {}  # how many receives completed, per (src, dst)
     pending: list[_Pending | None] = [None] * n
+    # per rank: id(op) -> the posted entry of each started, unfinished op
+    started: list[dict[int, tuple[Any, int, bytes]]] = [{} for _ in range(n)]
+    ending = [False] * n
     done = [False] * n
     gens = list(schedules)
 
-    def post(rank: int, batch: Iterable[Any]) -> _Pending:
-        p = _Pending()
+    def post(rank: int, batch: Iterable[Any]) -> list[tuple[Any, int, bytes]]:
+        posted: list[tuple[Any, int, bytes]] = []
         for op in batch:
             if not isinstance(op, (Send, Recv)) or not 0 <= op.peer < n:
                 raise ScheduleError(f"rank {rank} yielded {op!r}: not a Send/Recv to a rank of 0..{n - 1}")
@@ -137,10 +144,10 @@ def simulate(schedules: Sequence[Schedule], *, rendezvous: bool = False, max_rou
                 key = (rank, op.peer)
                 k = sent_count.get(key, 0)
                 sent_count[key] = k + 1
-                wire.setdefault(key, deque()).append(data)
+                wire.setdefault(key, []).append(data)
                 stats[rank].bytes_sent += len(data)
                 stats[rank].messages_sent += 1
-                p.sends.append((op, k))
+                posted.append((op, k, data))
             else:
                 _payload(op.into, f"rank {rank}'s receive from {op.peer}")
                 if not op.into.flags.writeable:
@@ -148,39 +155,65 @@ def simulate(schedules: Sequence[Schedule], *, rendezvous: bool = False, max_rou
                 key = (op.peer, rank)
                 k = recv_count.get(key, 0)
                 recv_count[key] = k + 1
-                recv_posted[key] = k + 1
+                posted.append((op, k, b""))
+        return posted
+
+    def wait_for(entries: Iterable[tuple[Any, int, bytes]]) -> _Pending:
+        p = _Pending()
+        for op, k, data in entries:
+            if isinstance(op, Send):
+                p.sends.append((op, k, data))
+            else:
                 p.recvs.append((op, k))
         return p
 
     def advance(rank: int, t: int) -> bool:
-        try:
-            batch = next(gens[rank])
-        except StopIteration:
-            done[rank] = True
-            stats[rank].finished = t - 1  # its last batch completed in the round before
+        mine = started[rank]
+        while True:
+            try:
+                batch = next(gens[rank])
+            except StopIteration:
+                if mine:
+                    ending[rank] = True
+                    pending[rank] = wait_for(mine.values())
+                    mine.clear()
+                    return True
+                done[rank] = True
+                stats[rank].finished = t - 1  # its last batch completed in the round before
+                return True
+            if isinstance(batch, Start):
+                for posted in post(rank, batch.ops):
+                    mine[id(posted[0])] = posted
+                continue
+            stats[rank].steps += 1
+            if isinstance(batch, Finish):
+                entries = []
+                for op in batch.ops:
+                    entry = mine.pop(id(op), None)
+                    if entry is None:
+                        raise ScheduleError(f"rank {rank} finished {op!r}, which it had not started")
+                    entries.append(entry)
+                pending[rank] = wait_for(entries)
+            else:
+                pending[rank] = wait_for(post(rank, batch))
             return True
-        stats[rank].steps += 1
-        pending[rank] = post(rank, batch)
-        return True
 
-    def try_complete(rank: int) -> bool:
+    def try_complete(rank: int, t: int) -> bool:
         p = pending[rank]
         assert p is not None
-        # Batches of a rank complete in order, so its receives from a peer in this batch are
-        # the next ones in that pair's queue: they can all complete once that many frames are there.
-        need: dict[int, int] = {}
-        for op, _k in p.recvs:
-            need[op.peer] = need.get(op.peer, 0) + 1
-        if any(len(wire.get((peer, rank), ())) < count for peer, count in need.items()):
-            return False
+        for op, k in p.recvs:
+            if len(wire.get((op.peer, rank), ())) <= k:
+                return False
         if rendezvous:
-            for send, k in p.sends:
-                if recv_posted.get((rank, send.peer), 0) <= k:
+            for send, k, _data in p.sends:
+                if recv_count.get((rank, send.peer), 0) <= k:
                     return False
-        # Match in posting order per peer: each receive takes the head of its queue.
-        for op, _k in p.recvs:
+        for send, k, data in p.sends:
+            if bytes(_payload(send.data, "send")) != data:
+                raise ScheduleError(f"rank {rank} changed the data of its send {k} to rank {send.peer} before it finished")
+        for op, k in p.recvs:
             key = (op.peer, rank)
-            data = wire[key].popleft()
+            data = wire[key][k]
             view = _payload(op.into, f"rank {rank}'s receive from {op.peer}")
             if len(data) != view.nbytes:
                 raise ScheduleError(
@@ -190,6 +223,9 @@ def simulate(schedules: Sequence[Schedule], *, rendezvous: bool = False, max_rou
             received[key] = received.get(key, 0) + 1
             stats[rank].bytes_received += len(data)
         pending[rank] = None
+        if ending[rank]:
+            done[rank] = True
+            stats[rank].finished = t
         return True
 
     t = 0
@@ -203,19 +239,20 @@ def simulate(schedules: Sequence[Schedule], *, rendezvous: bool = False, max_rou
                 moved |= advance(r, t)
         for r in range(n):
             if pending[r] is not None:
-                moved |= try_complete(r)
+                moved |= try_complete(r, t)
         if not moved and not all(done):
-            raise Deadlock(f"no progress at step {t}: " + _stuck(pending, done, received, recv_posted, rendezvous))
+            raise Deadlock(f"no progress at step {t}: " + _stuck(pending, done, wire, recv_count, rendezvous))
     for (src, dst), q in wire.items():
-        if q:
-            raise ScheduleError(f"rank {src} sent {len(q)} message(s) to rank {dst} that were never received")
+        if received.get((src, dst), 0) < len(q):
+            unreceived = len(q) - received.get((src, dst), 0)
+            raise ScheduleError(f"rank {src} sent {unreceived} message(s) to rank {dst} that were never received")
     return Simulation(stats, max((s.finished for s in stats), default=0))
 
 
 def _stuck(
     pending: list[_Pending | None],
     done: list[bool],
-    received: dict[tuple[int, int], int],
+    wire: dict[tuple[int, int], list[bytes]],
     recv_posted: dict[tuple[int, int], int],
     rendezvous: bool,
 ) -> str:
@@ -223,10 +260,10 @@ def _stuck(
     for r, p in enumerate(pending):
         if done[r] or p is None:
             continue
-        waits = sorted({op.peer for op, k in p.recvs if received.get((op.peer, r), 0) <= k})
+        waits = sorted({op.peer for op, k in p.recvs if len(wire.get((op.peer, r), ())) <= k})
         what = f"rank {r} waits for a message from ranks {waits}" if waits else f"rank {r} is blocked"
         if rendezvous:
-            unposted = sorted({op.peer for op, k in p.sends if recv_posted.get((r, op.peer), 0) <= k})
+            unposted = sorted({op.peer for op, k, _ in p.sends if recv_posted.get((r, op.peer), 0) <= k})
             if unposted:
                 what += f" and for ranks {unposted} to post their receives"
         parts.append(what)
