@@ -58,7 +58,7 @@ status=0
 if [[ " $STAGES " == *" tests "* ]]; then
     echo; echo "=== GPU tests (pytest -m gpu) and the device-side unit tests"
     (cd "$T" && timeout 240 $PY -m pytest -p no:cacheprovider -q -m gpu -rs \
-        tests/test_gpu_direct.py tests/test_ucx_transport.py \
+        tests/test_gpu_direct.py tests/test_ucx_transport.py tests/test_matrix.py tests/test_transport_conformance.py \
         "tests/test_torch_backend.py::test_torch_distributed_on_cuda_tensors_with_ddp" \
         tests/test_torch_cuda.py 2>&1) \
         | tee "$LOGS/tests.log" | tail -n 40

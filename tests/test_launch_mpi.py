@@ -36,7 +36,10 @@ def _mpirun() -> str | None:
 
 
 def _env() -> dict[str, str]:
-    drop = ("AIOCOLL_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC_", "SLURM_", "OMPI_", "PMI")
+    # What would tell the ranks who they are, not how mpirun itself is configured: OMPI_MCA_*
+    # (e.g. the launch agent of a container without ssh) must reach mpirun.
+    drop = ("AIOCOLL_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC_", "SLURM_", "OMPI_COMM_WORLD_",
+            "OMPI_UNIVERSE_", "PMI")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     # Open MPI refuses root without these; harmless for MPICH.
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
