@@ -110,9 +110,7 @@ def test_compare_gloo_adds_its_time_and_the_ratio(capsys):
     shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None, reason="needs mpirun and mpi4py (not in the [test] extra); runs where Open MPI is installed, e.g. the device machine via scripts/device_cpu_bench.sh"
 )
 def test_compare_mpi(capsys):
-    # Open MPI refuses to start as root without saying it may (the GPU machine runs tests as root).
-    mpirun = "mpirun --oversubscribe" + (" --allow-run-as-root" if os.geteuid() == 0 else "")
-    code = _bench.main(["-n", "2", "--sizes", "4", "--target-s", "0.02", "--compare", "mpi", "--mpirun", mpirun])
+    code = _bench.main(["-n", "2", "--sizes", "4", "--target-s", "0.02", "--compare", "mpi"])
     out = capsys.readouterr().out
     assert code == 0, out
     line = next(line for line in out.splitlines() if ROW.match(line))
