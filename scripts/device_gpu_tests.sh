@@ -58,9 +58,9 @@ status=0
 if [[ " $STAGES " == *" tests "* ]]; then
     echo; echo "=== GPU tests (pytest -m gpu) and the device-side unit tests"
     (cd "$T" && timeout 240 $PY -m pytest -p no:cacheprovider -q -m gpu -rs \
-        tests/test_gpu_direct.py tests/test_ucx_transport.py tests/test_matrix.py tests/test_transport_conformance.py \
-        "tests/test_torch_backend.py::test_torch_distributed_on_cuda_tensors_with_ddp" \
-        tests/test_torch_cuda.py 2>&1) \
+        tests/engines/test_gpu_direct.py tests/transports/test_ucx_transport.py tests/collectives/test_matrix.py tests/transports/test_transport_conformance.py \
+        "tests/torch_adapter/test_torch_backend.py::test_torch_distributed_on_cuda_tensors_with_ddp" \
+        tests/torch_adapter/test_torch_cuda.py 2>&1) \
         | tee "$LOGS/tests.log" | tail -n 40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     echo; echo "=== examples/gpu_all_reduce.py, 2 ranks"

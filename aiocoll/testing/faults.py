@@ -91,6 +91,7 @@ def delay_sends(seconds: float) -> Callable[[], None]:
         raise ValueError(f"seconds must be >= 0, got {seconds}")
     w = current_world()
     originals: list[tuple[Any, Any]] = []
+    shortcuts: list[Any] = []
     for conn in list(w.comm._conns.values()):
         original = conn.send
 
@@ -100,10 +101,18 @@ def delay_sends(seconds: float) -> Callable[[], None]:
 
         setattr(conn, "send", slow)
         originals.append((conn, original))
+        # Small frames may be written at once, without send() (a connection's send_now): that
+        # shortcut is closed while the delay holds, so that every frame takes the slow way.
+        now = getattr(conn, "send_now", None)
+        if now is not None:
+            setattr(conn, "send_now", lambda key, payload: False)
+            shortcuts.append((conn, now))
 
     def restore() -> None:
         for conn, original in originals:
             setattr(conn, "send", original)
+        for conn, now in shortcuts:
+            setattr(conn, "send_now", now)
 
     return restore
 

@@ -10,7 +10,7 @@
 4. Ranks 0 and 1 then call the second broadcast: what the departed roots sent must be there.
 
 Each rank prints ``rank R pair sum S broadcast B ok`` once it has both results. Run by
-tests/test_shutdown.py through ``aiocoll run -n 4``.
+tests/core/test_shutdown.py through ``aiocoll run -n 4``.
 """
 
 from __future__ import annotations

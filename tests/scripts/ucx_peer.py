@@ -1,4 +1,4 @@
-"""One rank of a two-rank ucx world, for tests/test_ucx_transport.py.
+"""One rank of a two-rank ucx world, for tests/transports/test_ucx_transport.py.
 
     python ucx_peer.py ROLE RANK RENDEZVOUS_DIR [SECONDS]
 
