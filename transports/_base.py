@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ssl
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeAlias, runtime_checkable
 
@@ -211,7 +212,30 @@ class TransportFactory(Protocol):
     def __call__(self, config: TransportConfig) -> Transport: ...
 
 
+
+def format_host_port(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, with IPv6 hosts in brackets (the address form of tcp and ucx)."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def parse_host_port(scheme: str, address: str) -> tuple[str, int]:
+    """Split ``scheme://host:port`` into host and port.
+
+    Raises:
+        ValueError: not a ``scheme://`` address with a host and a port.
+    """
+    parts = urllib.parse.urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {scheme} address {address!r}") from exc
+    if parts.scheme != scheme or not parts.hostname or port is None:
+        raise ValueError(f"expected {scheme}://host:port, got {address!r}")
+    return parts.hostname, port
+
 __all__ = [
+    "format_host_port",
+    "parse_host_port",
     "KEY_SIZE",
     "MAX_FRAME",
     "Capabilities",

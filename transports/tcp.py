@@ -44,13 +44,18 @@ import os
 import socket
 import ssl
 import struct
-import urllib.parse
 from typing import Any, ClassVar, cast
 
 from aiocoll.core import auth as _auth
 from aiocoll.core.errors import HandshakeError, TransportError
 
-from ._base import KEY_SIZE, MAX_FRAME, Buffer, Capabilities, FrameSink, TransportConfig
+from ._base import (
+    KEY_SIZE, MAX_FRAME, Buffer, Capabilities,
+    FrameSink,
+    TransportConfig,
+    format_host_port,
+    parse_host_port,
+)
 from ._tcp_lane import Lane, PeerClosed, recv_all, send_all
 
 _log = logging.getLogger("aiocoll.transports.tcp")
@@ -87,7 +92,7 @@ _BACKOFF_MAX = 1.0
 
 def format_address(host: str, port: int) -> str:
     """``tcp://host:port``, with IPv6 hosts in brackets."""
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    return format_host_port("tcp", host, port)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -96,14 +101,7 @@ def parse_address(address: str) -> tuple[str, int]:
     Raises:
         ValueError: not a ``tcp://`` address with a host and a port.
     """
-    parts = urllib.parse.urlsplit(address)
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in tcp address {address!r}") from exc
-    if parts.scheme != "tcp" or not parts.hostname or port is None:
-        raise ValueError(f"expected tcp://host:port, got {address!r}")
-    return parts.hostname, port
+    return parse_host_port("tcp", address)
 
 
 def _bytes_view(obj: Buffer, what: str) -> memoryview:

@@ -67,7 +67,6 @@ import math
 import os
 import socket
 import struct
-import urllib.parse
 import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
@@ -75,7 +74,13 @@ from typing import Any, ClassVar, cast
 from aiocoll.core import auth as _auth
 from aiocoll.core.errors import HandshakeError, TransportError
 
-from ._base import KEY_SIZE, MAX_FRAME, Buffer, Capabilities, CudaBuffer, FrameSink, TransportConfig
+from ._base import (
+    KEY_SIZE, MAX_FRAME, Buffer, Capabilities, CudaBuffer,
+    FrameSink,
+    TransportConfig,
+    format_host_port,
+    parse_host_port,
+)
 
 INSTALL_HINT = "pip install 'aiocoll[ucx-cu12]' (CUDA 12) or 'aiocoll[ucx-cu13]' (CUDA 13)"
 
@@ -132,8 +137,8 @@ _BACKOFF_MAX = 1.0
 
 
 def format_address(host: str, port: int) -> str:
-    """``ucx://host:port``, the control listener's address, IPv6 hosts in brackets."""
-    return f"ucx://[{host}]:{port}" if ":" in host else f"ucx://{host}:{port}"
+    """``ucx://host:port``, with IPv6 hosts in brackets."""
+    return format_host_port("ucx", host, port)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -142,14 +147,7 @@ def parse_address(address: str) -> tuple[str, int]:
     Raises:
         ValueError: not a ``ucx://`` address with a host and a port.
     """
-    parts = urllib.parse.urlsplit(address)
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in ucx address {address!r}") from exc
-    if parts.scheme != "ucx" or not parts.hostname or port is None:
-        raise ValueError(f"expected ucx://host:port, got {address!r}")
-    return parts.hostname, port
+    return parse_host_port("ucx", address)
 
 
 def _bases(conn_key: bytes) -> tuple[int, int]:
